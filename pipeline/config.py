@@ -1,0 +1,219 @@
+"""params.yaml -> validated, typed settings. The one place that knows defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError, MissingInputError
+
+MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Where inputs and outputs live, relative to the project root."""
+
+    raw: Path = Path("data/demo")
+    interim: Path = Path("data/interim")
+    processed: Path = Path("data/processed")
+    reports: Path = Path("reports")
+    shared: Path = Path("../shared/data")
+
+
+def check_month(value: str) -> str:
+    """Return ``value`` when it is a ``YYYY-MM`` month, else raise ValueError."""
+    if not isinstance(value, str) or not MONTH_RE.match(value):
+        raise ValueError(f"month {value!r} is not of the form 'YYYY-MM' (quote it in YAML: \"2026-03\")")
+    return value
+
+
+class MonthPair(_Section):
+    """A month and the month its imagery is compared with."""
+
+    month: str
+    prev: str
+
+    _check = field_validator("month", "prev")(classmethod(lambda cls, v: check_month(v)))
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MonthPair:
+        if self.prev >= self.month:
+            raise ValueError(f"prev {self.prev!r} must come before month {self.month!r}")
+        return self
+
+
+class DemoSettings(_Section):
+    """The synthetic demo town."""
+
+    seed: int = 20260101
+    first_month: str = "2026-01"
+    n_months: int = Field(7, ge=2, le=36)
+    size_m: float = Field(2000.0, gt=100)
+    gsd: float = Field(0.5, gt=0)
+    crs: str = "EPSG:4551"
+    origin: tuple[float, float] = (500000.0, 4860000.0)
+    sheets: tuple[int, int] = (2, 2)
+
+    _check = field_validator("first_month")(classmethod(lambda cls, v: check_month(v)))
+
+
+class AlignSettings(_Section):
+    """Mosaic, reprojection, co-registration and radiometric normalisation."""
+
+    target_crs: str | None = None
+    resolution: float | None = Field(None, gt=0)
+    resampling: Literal["nearest", "bilinear", "cubic", "lanczos", "average"] = "bilinear"
+    bands: tuple[int, ...] = (1, 2, 3)
+    scale16: tuple[float, float] | None = None
+    coregister: bool = True
+    max_shift_px: float = Field(8.0, gt=0)
+    normalize: bool = True
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) not in (3, 4) or any(b < 1 for b in v):
+            raise ValueError(f"bands {v!r} must list 3 (RGB) or 4 (RGB+NIR) 1-based band indexes")
+        return v
+
+    @field_validator("scale16")
+    @classmethod
+    def _scale(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"scale16 {v!r} must be [low, high] with low < high")
+        return v
+
+
+class TileSettings(_Section):
+    """The tile grid laid over an aligned pair."""
+
+    size: int = Field(512, ge=32)
+    overlap: int = Field(64, ge=0)
+    min_valid: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _overlap(self) -> TileSettings:
+        if self.overlap * 2 >= self.size:
+            raise ValueError(f"overlap {self.overlap} must be less than half the tile size {self.size}")
+        return self
+
+
+class DetectSettings(_Section):
+    """Change detection over the tiles."""
+
+    method: Literal["cnn", "cva"] = "cnn"
+    model: Path = Path("models/scarnet.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(4, ge=1)
+    workers: int = Field(2, ge=0)
+
+
+class VectorizeSettings(_Section):
+    """Probability rasters -> flag polygons."""
+
+    high: float = Field(0.6, gt=0, lt=1)
+    low: float = Field(0.4, gt=0, lt=1)
+    min_area_m2: float = Field(12.0, ge=0)
+    simplify_m: float = Field(0.5, ge=0)
+    regularize: bool = True
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> VectorizeSettings:
+        if self.low > self.high:
+            raise ValueError(f"low threshold {self.low} must not exceed high threshold {self.high}")
+        return self
+
+
+class LedgerSettings(_Section):
+    """Joining flags to the scar ledger."""
+
+    match_distance_m: float = Field(5.0, ge=0)
+    expand_ratio: float = Field(0.2, ge=0)
+    repair_grace_months: int = Field(2, ge=0)
+
+
+class MapSettings(_Section):
+    """The inspector map."""
+
+    max_flags: int = Field(5000, ge=1)
+
+
+class ReportSettings(_Section):
+    """The monthly report."""
+
+    languages: tuple[Literal["zh", "en"], ...] = ("zh", "en")
+
+
+class Settings(_Section):
+    """All of params.yaml."""
+
+    paths: Paths = Paths()
+    months: tuple[MonthPair, ...] = ()
+    demo: DemoSettings = DemoSettings()  # type: ignore[call-arg]
+    align: AlignSettings = AlignSettings()  # type: ignore[call-arg]
+    tile: TileSettings = TileSettings()  # type: ignore[call-arg]
+    detect: DetectSettings = DetectSettings()
+    vectorize: VectorizeSettings = VectorizeSettings()  # type: ignore[call-arg]
+    ledger: LedgerSettings = LedgerSettings()  # type: ignore[call-arg]
+    map: MapSettings = MapSettings()  # type: ignore[call-arg]
+    report: ReportSettings = ReportSettings()
+    train: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_months(self) -> Settings:
+        seen = [p.month for p in self.months]
+        dupes = sorted({m for m in seen if seen.count(m) > 1})
+        if dupes:
+            raise ValueError(f"months lists {dupes!r} more than once")
+        return self
+
+    def pair(self, month: str) -> MonthPair:
+        """Return the configured pair for ``month``, or raise ConfigError naming the known months."""
+        for p in self.months:
+            if p.month == month:
+                return p
+        known = [p.month for p in self.months]
+        raise ConfigError(f"month {month!r} is not in params.yaml 'months' (known: {known!r}); add it there")
+
+    @property
+    def all_months(self) -> list[str]:
+        """Every month that has imagery (previous months included), sorted."""
+        return sorted({m for p in self.months for m in (p.prev, p.month)})
+
+
+def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
+    """Read and validate params.yaml (missing sections take defaults).
+
+    Raises:
+        MissingInputError: the file does not exist.
+        ConfigError: the YAML is malformed or a value is invalid (the message names the key).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path}: parameters file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {loc}: {err['msg']}; fix that key in params.yaml") from exc
