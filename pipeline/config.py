@@ -53,6 +53,7 @@ class MonthPair(_Section):
 class DemoSettings(_Section):
     """The synthetic demo town."""
 
+    out: Path = Path("data/demo")
     seed: int = 20260101
     first_month: str = "2026-01"
     n_months: int = Field(7, ge=2, le=36)
@@ -168,6 +169,14 @@ class Settings(_Section):
     train: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("months", mode="before")
+    @classmethod
+    def _months_mapping(cls, v: Any) -> Any:
+        # params.yaml keys months by name ("2026-03": {prev: "2026-02"}) so DVC names stages align@2026-03.
+        if isinstance(v, dict):
+            return tuple({"month": k, **(p or {})} for k, p in v.items())
+        return v
+
     @model_validator(mode="after")
     def _unique_months(self) -> Settings:
         seen = [p.month for p in self.months]
@@ -183,6 +192,55 @@ class Settings(_Section):
                 return p
         known = [p.month for p in self.months]
         raise ConfigError(f"month {month!r} is not in params.yaml 'months' (known: {known!r}); add it there")
+
+    # Where each stage reads and writes. dvc.yaml spells the same layout with ${paths.*} templates.
+    def imagery_dir(self, month: str) -> Path:
+        """Folder of one month's map sheets."""
+        return self.paths.raw / "imagery" / month
+
+    @property
+    def layers_dir(self) -> Path:
+        """Folder of the reference layers (permits, districts, streets, grid)."""
+        return self.paths.raw / "layers"
+
+    @property
+    def truth_path(self) -> Path:
+        """Ground truth of the demo town (absent for real cities)."""
+        return self.paths.raw / "truth" / "truth.gpkg"
+
+    def pair_dir(self, month: str) -> Path:
+        """Aligned pair of ``month`` and its previous month."""
+        return self.paths.interim / "aligned" / month
+
+    def tiles_path(self, month: str) -> Path:
+        """GeoParquet tile index of ``month``."""
+        return self.paths.interim / "tiles" / f"{month}.parquet"
+
+    def prob_path(self, month: str) -> Path:
+        """Change probability COG of ``month``."""
+        return self.paths.processed / "prob" / f"{month}.tif"
+
+    def flags_path(self, month: str) -> Path:
+        """Flag GeoPackage of ``month``."""
+        return self.paths.processed / "flags" / f"{month}.gpkg"
+
+    @property
+    def ledger_path(self) -> Path:
+        """The scar ledger GeoPackage."""
+        return self.paths.processed / "ledger.gpkg"
+
+    def map_path(self, month: str) -> Path:
+        """The inspector map of ``month``."""
+        return self.paths.reports / "maps" / f"{month}.html"
+
+    @property
+    def report_dir(self) -> Path:
+        """Folder of the monthly reports."""
+        return self.paths.reports / "monthly"
+
+    def metrics_path(self, month: str) -> Path:
+        """Metrics JSON of ``month`` (a DVC metrics file)."""
+        return self.paths.reports / "metrics" / f"{month}.json"
 
     @property
     def all_months(self) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 from shapely.geometry import box
 
+from pipeline.config import TileSettings
 from pipeline.errors import CorruptFileError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def build_tiles(source: GridSource, *, size: int, overlap: int, min_valid: float
 
 
 def _with_fraction(tile: Tile, frac: float) -> Tile:
-    return Tile(**{**{f: getattr(tile, f) for f in tile.__dataclass_fields__}, "valid_fraction": round(frac, 6)})
+    return replace(tile, valid_fraction=round(frac, 6))
 
 
 def tiles_to_frame(tiles: Iterable[Tile], crs: CRS | str) -> gpd.GeoDataFrame:
@@ -187,3 +188,18 @@ def iter_batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     for i in range(0, len(tiles), batch_size):
         yield tiles[i : i + batch_size]
+
+
+def tile_pair(pair_dir: str | Path, out_path: str | Path, settings: TileSettings) -> list[Tile]:
+    """The ``tile`` stage: lay the grid over an aligned pair and write its GeoParquet index."""
+    from pipeline.imagery import AlignedPair  # imagery pulls in the warping stack; keep tiling light
+
+    with AlignedPair.open(Path(pair_dir)) as pair:
+        tiles = build_tiles(pair, size=settings.size, overlap=settings.overlap, min_valid=settings.min_valid)
+        if not tiles:
+            raise InputError(
+                f"{pair_dir}: no tile has {settings.min_valid:.0%} valid pixels in both epochs; "
+                "check the imagery's nodata or lower tile.min_valid"
+            )
+        write_tile_index(tiles, pair.crs, out_path)
+    return tiles

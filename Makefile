@@ -1,0 +1,56 @@
+# ScarWatch: `make demo` and `make test` do all the set-up on a fresh machine (Python >= 3.11, git, make).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MPLBACKEND := Agg
+
+.PHONY: all venv sysdeps demo test lint typecheck pytest bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ScarWatch needs Python >= 3.11; set PYTHON=python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# System packages for the browser test of the inspector map and CJK text in reports (Debian/Ubuntu, as root).
+sysdeps:
+	@if command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi 'Noto Sans CJK'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and fonts-noto-cjk (apt)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null) \
+		|| echo "warning: apt-get failed; browser tests will be skipped"; \
+	else echo "note: install chromium and fonts-noto-cjk for the browser test and CJK charts"; fi
+
+demo: venv
+	dvc repro
+	@echo
+	@echo "Inspector maps : $$(ls reports/maps/*.html | tr '\n' ' ')"
+	@echo "Monthly reports: $$(ls reports/monthly/*.html | tr '\n' ' ')"
+	@echo "Scar ledger    : data/processed/ledger.gpkg (layers events, cases, alerts)"
+
+lint: venv
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv sysdeps
+	$(BIN)/python -m pytest -q --durations=15
+
+test: lint typecheck pytest
+
+bench: venv
+	$(BIN)/python benchmarks/bench_align.py
+	$(BIN)/python benchmarks/bench_detect.py
+
+clean:
+	rm -rf data/demo data/interim data/processed reports/maps reports/monthly reports/metrics .pytest_cache .mypy_cache

@@ -1,0 +1,263 @@
+"""The ``scarwatch`` command: one subcommand per pipeline stage.
+
+Thin by design: parse options, load params.yaml, call one stage function, print one line saying what was
+written where. Every expected error (a :class:`~pipeline.errors.ScarWatchError`) becomes one line on
+stderr and exit status 2. Heavy libraries (torch, the warping stack) are imported inside the commands
+that need them so ``scarwatch --help`` and the light stages start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline import __version__
+from pipeline.config import Settings, load_settings
+from pipeline.errors import ScarWatchError
+
+log = logging.getLogger("pipeline")
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+        fmt = "%(message)s"
+    except ImportError:  # pragma: no cover - rich is a dependency
+        handler = logging.StreamHandler()
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+
+
+def stage(func: F) -> F:
+    """Wrap a subcommand: load settings, time it, turn expected errors into one line and exit 2."""
+
+    @click.pass_context
+    @functools.wraps(func)
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            settings = load_settings(ctx.obj["params"])
+            message = func(settings, *args, **kwargs)
+        except ScarWatchError as exc:
+            click.echo(f"scarwatch {ctx.info_name}: error: {' '.join(str(exc).split())}", err=True)
+            sys.exit(EXIT_USAGE)
+        if message:
+            click.echo(f"{message} ({time.perf_counter() - start:.1f} s)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+month_option = click.option("--month", "-m", required=True, help="Month to process, YYYY-MM (listed in params.yaml).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="scarwatch")
+@click.option(
+    "--params",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="Parameters file.",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.pass_context
+def cli(ctx: click.Context, params: Path, verbose: int, quiet: bool) -> None:
+    """ScarWatch: monthly aerial imagery -> change flags -> scar ledger -> inspector maps and reports."""
+    _configure_logging(-1 if quiet else verbose)
+    ctx.ensure_object(dict)
+    ctx.obj["params"] = params
+
+
+@cli.command()
+@stage
+def demo(settings: Settings) -> str:
+    """Generate the synthetic demo town (imagery, ledger, layers, field updates, truth)."""
+    from pipeline.synth import generate_demo
+
+    summary = generate_demo(settings.demo.out, settings.demo)
+    return (
+        f"demo town: {len(summary.months)} months, {summary.n_structures} structures, "
+        f"{summary.n_changes} scripted changes -> {summary.out_dir}"
+    )
+
+
+@cli.command()
+@month_option
+@stage
+def align(settings: Settings, month: str) -> str:
+    """Mosaic, reproject, co-register and normalise a month and its previous month onto one grid."""
+    from pipeline.imagery import align_pair
+
+    pair = settings.pair(month)
+    summary = align_pair(
+        settings.imagery_dir(pair.prev),
+        settings.imagery_dir(pair.month),
+        settings.pair_dir(month),
+        settings.align,
+        month=pair.month,
+        prev=pair.prev,
+    )
+    return (
+        f"aligned {pair.prev} -> {pair.month}: {summary.width}x{summary.height} px at {summary.res:g} m, "
+        f"shift ({summary.shift_px[0]:+.2f}, {summary.shift_px[1]:+.2f}) px -> {summary.out_dir}"
+    )
+
+
+@cli.command()
+@month_option
+@stage
+def tile(settings: Settings, month: str) -> str:
+    """Lay the tile grid over the aligned pair and write the GeoParquet tile index."""
+    from pipeline.tiling import tile_pair
+
+    settings.pair(month)
+    out = settings.tiles_path(month)
+    tiles = tile_pair(settings.pair_dir(month), out, settings.tile)
+    return f"{len(tiles)} tiles of {settings.tile.size} px -> {out}"
+
+
+@cli.command()
+@month_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override detect.device.")
+@click.option("--scheduler", default=None, help="Run on an existing dask.distributed cluster (tcp://host:port).")
+@click.option("--method", type=click.Choice(["cnn", "cva"]), default=None, help="Override detect.method.")
+@stage
+def detect(settings: Settings, month: str, device: str | None, scheduler: str | None, method: str | None) -> str:
+    """Run the change detector over every tile and write the probability COG."""
+    from pipeline.detect import detect_pair
+
+    settings.pair(month)
+    overrides = {k: v for k, v in {"device": device, "method": method}.items() if v is not None}
+    detect_settings = settings.detect.model_copy(update=overrides)
+    out = settings.prob_path(month)
+    summary = detect_pair(
+        settings.pair_dir(month),
+        settings.tiles_path(month),
+        out,
+        detect_settings,
+        overlap=settings.tile.overlap,
+        scheduler=scheduler,
+    )
+    return (
+        f"{summary.n_tiles} tiles on {summary.device}, {summary.tiles_per_s:.2f} tiles/s "
+        f"({summary.km2_per_hour:.1f} km²/h) -> {out}"
+    )
+
+
+@cli.command()
+@month_option
+@stage
+def vectorize(settings: Settings, month: str) -> str:
+    """Turn the probability COG into flag polygons (GeoPackage + GeoParquet)."""
+    from pipeline.vectorize import vectorize_month
+
+    settings.pair(month)
+    out = settings.flags_path(month)
+    layers = settings.layers_dir if settings.layers_dir.is_dir() else None
+    flags = vectorize_month(settings.prob_path(month), out, settings.vectorize, month=month, layers_dir=layers)
+    counts = flags["kind"].value_counts().to_dict() if len(flags) else {}
+    return f"{len(flags)} flags ({counts.get('new', 0)} new, {counts.get('removed', 0)} removed) -> {out}"
+
+
+@cli.command()
+@stage
+def ledger(settings: Settings) -> str:
+    """Join every month's flags, the seed ledger, permits and field updates into the scar ledger."""
+    from pipeline.ledger import build_ledger
+
+    months = [p.month for p in settings.months]
+    summary = build_ledger(
+        [settings.flags_path(m) for m in months],
+        settings.paths.raw,
+        settings.ledger_path,
+        settings.ledger,
+        months=months,
+    )
+    return f"{summary.n_cases} cases, {summary.n_events} events, {summary.n_alerts} alerts -> {summary.out_path}"
+
+
+@cli.command(name="map")
+@month_option
+@stage
+def map_(settings: Settings, month: str) -> str:
+    """Build the month's offline inspector map (HTML)."""
+    from pipeline.maps import build_map
+
+    settings.pair(month)
+    out = build_map(
+        month,
+        settings.ledger_path,
+        settings.flags_path(month),
+        settings.map_path(month),
+        settings=settings.map,
+        layers_dir=settings.layers_dir if settings.layers_dir.is_dir() else None,
+        pair_dir=settings.pair_dir(month),
+    )
+    return f"inspector map -> {out}"
+
+
+@cli.command()
+@month_option
+@stage
+def report(settings: Settings, month: str) -> str:
+    """Write the month's incremental-construction report (Chinese first, English too) and metrics."""
+    from pipeline.report import build_report
+
+    settings.pair(month)
+    qa = settings.pair_dir(month) / "qa.json"
+    out = build_report(
+        month,
+        settings.ledger_path,
+        settings.flags_path(month),
+        settings.report_dir,
+        settings=settings.report,
+        qa_path=qa if qa.exists() else None,
+        truth_path=settings.truth_path if settings.truth_path.exists() else None,
+        metrics_path=settings.metrics_path(month),
+    )
+    return f"monthly report -> {out}"
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint path.")
+@stage
+def train(settings: Settings, out: Path | None) -> str:
+    """Train the change-detection network (a deliberate step; the monthly run never retrains)."""
+    from pipeline.train import train as run_training
+
+    target = out or settings.detect.model
+    result = run_training(settings.train, target)
+    return f"trained {result.arch} for {result.steps} steps -> {target}"
+
+
+@cli.command()
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to score.")
+@stage
+def evaluate(settings: Settings, model: Path | None) -> str:
+    """Score a checkpoint (and the baselines) on every validation set; write the metrics file."""
+    from pipeline.evaluate import evaluate_model
+
+    metrics = evaluate_model(model or settings.detect.model, settings.evaluate)
+    return f"evaluated {len(metrics)} data sets -> {settings.evaluate.out}"
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
