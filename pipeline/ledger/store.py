@@ -1,0 +1,381 @@
+"""Reading the ledger's inputs and reading/writing the ledger GeoPackage (atomically).
+
+Inputs (see docs/architecture.md): flags ``<processed>/flags/<month>.gpkg`` layer ``flags``; the seed
+ledger ``<raw>/ledger/cases.gpkg`` layer ``cases``; permits ``<raw>/layers/permits.gpkg``; inspectors'
+updates ``<raw>/field_updates/<YYYY-MM>.csv``. The seed ledger, permits and field updates may be
+absent (then they are empty); flags may not. Row numbers in messages count like a spreadsheet: the CSV
+header is row 1, so the first update is row 2; GeoPackage features count from 1.
+
+The ledger ``<processed>/ledger.gpkg`` has layers ``events``, ``cases`` and ``alerts``. It is written
+to a temporary file beside the target and moved over it with :func:`os.replace`, so a failed build
+leaves the previous ledger intact and readers never see half a ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+from pyproj import CRS
+
+from pipeline.errors import (
+    CorruptFileError,
+    CRSError,
+    CRSMismatchError,
+    LedgerError,
+    MissingInputError,
+    ScarWatchError,
+)
+from pipeline.ledger.events import EVENT_KINDS, FIELD_KINDS, check_month_name, parse_date
+
+log = logging.getLogger(__name__)
+
+LAYERS: tuple[str, str, str] = ("events", "cases", "alerts")
+FLAG_COLUMNS: tuple[str, ...] = (
+    "flag_id",
+    "month",
+    "kind",
+    "area_m2",
+    "area_mu",
+    "p_mean",
+    "p_max",
+    "lon",
+    "lat",
+    "district",
+    "street",
+)
+SEED_COLUMNS: tuple[str, ...] = ("case_id", "opened_at", "state", "category", "note", "deadline")
+PERMIT_COLUMNS: tuple[str, ...] = ("permit_id", "valid_from", "valid_to")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldUpdate:
+    """One validated row of a field-update CSV (the case is resolved later, against the ledger)."""
+
+    source: str  # the file as named in evidence, relative to raw_dir: field_updates/2026-03.csv
+    path: Path
+    row: int
+    month: str
+    at: str
+    kind: str
+    actor: str
+    note: str
+    deadline: str
+    case_id: str
+    x: float | None
+    y: float | None
+
+    @property
+    def where(self) -> str:
+        """The file and row, for messages."""
+        return f"{self.path} row {self.row}"
+
+    @property
+    def evidence(self) -> str:
+        """The ``file:row`` evidence of the event this update becomes."""
+        return f"{self.source}:{self.row}"
+
+
+def _read_layer(path: Path, layer: str | None, what: str) -> gpd.GeoDataFrame:
+    """Read one layer of a vector file, turning every failure into a one-line ScarWatch error."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: {what} not found; create it or fix the path")
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+    except Exception as exc:  # noqa: BLE001 - GDAL raises many types for a corrupt file
+        raise CorruptFileError(f"{path}: cannot open {what} ({exc}); rewrite the file as a GeoPackage") from exc
+    if layer is not None and layer not in layers:
+        raise CorruptFileError(f"{path}: no layer {layer!r} in {what} (layers: {layers!r}); name the layer {layer!r}")
+    try:
+        return gpd.read_file(path, layer=layer, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptFileError(f"{path}: cannot read {what} ({exc}); rewrite the file") from exc
+
+
+def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise LedgerError(f"{path}: {what} lacks columns {missing!r} (has {list(frame.columns)!r}); add them")
+
+
+def _text(value: object) -> str:
+    """A cell as stripped text ("" for None/NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def check_crs(frame: gpd.GeoDataFrame, path: Path, crs: CRS | None) -> CRS:
+    """Return the CRS of ``frame``; raise when it has none or differs from ``crs`` (never reprojects).
+
+    Raises:
+        CRSError: the layer has no CRS.
+        CRSMismatchError: the layer's CRS differs from ``crs``.
+    """
+    if frame.crs is None:
+        raise CRSError(f"{path}: layer has no CRS; set it (e.g. with ogr2ogr -a_srs) to the flags' CRS")
+    if crs is not None and not CRS.from_user_input(frame.crs).equals(crs):
+        raise CRSMismatchError(
+            f"{path}: CRS {frame.crs.to_string()!r} differs from the flags' CRS {crs.to_string()!r}; "
+            "reproject the file to the flags' CRS"
+        )
+    return CRS.from_user_input(frame.crs)
+
+
+def read_flags(path: Path, month: str) -> gpd.GeoDataFrame:
+    """Read a month's flags (layer ``flags``), sorted by ``flag_id``.
+
+    Raises:
+        MissingInputError: the file does not exist.
+        CorruptFileError: it cannot be read or has no ``flags`` layer.
+        LedgerError: a column is missing, a kind is unknown or a row belongs to another month.
+        CRSError: the layer has no CRS.
+    """
+    flags = _read_layer(path, "flags", f"flags of {month}")
+    _require_columns(flags, FLAG_COLUMNS, path, "flags layer")
+    check_crs(flags, path, None)
+    flags = flags.assign(
+        flag_id=flags["flag_id"].map(_text), month=flags["month"].map(_text), kind=flags["kind"].map(_text)
+    )
+    for col in ("district", "street"):
+        flags[col] = flags[col].map(_text)
+    bad_kind = flags.index[~flags["kind"].isin(["new", "removed"])]
+    if len(bad_kind):
+        i = int(bad_kind[0])
+        raise LedgerError(
+            f"{path} feature {i + 1}: kind {flags.at[i, 'kind']!r} is neither 'new' nor 'removed'; fix it"
+        )
+    other = flags.index[flags["month"] != month]
+    if len(other):
+        i = int(other[0])
+        raise LedgerError(
+            f"{path} feature {i + 1}: month {flags.at[i, 'month']!r} but the file is for {month}; "
+            "re-run vectorize for that month"
+        )
+    empty = flags.index[flags.geometry.isna() | flags.geometry.is_empty]
+    if len(empty):
+        raise LedgerError(f"{path} feature {int(empty[0]) + 1}: flag has no geometry; re-run vectorize")
+    dupes = flags["flag_id"][flags["flag_id"].duplicated()]
+    if len(dupes):
+        raise LedgerError(f"{path}: flag_id {dupes.iloc[0]!r} occurs more than once; re-run vectorize")
+    return flags.sort_values("flag_id", kind="stable").reset_index(drop=True)
+
+
+def read_seed_cases(path: Path) -> gpd.GeoDataFrame | None:
+    """Read the seed ledger (layer ``cases``), or return None when the file is absent.
+
+    Columns are checked here; values (states, dates) are checked where events are made from them.
+    """
+    if not path.exists():
+        log.info("no seed ledger at %s: starting from an empty ledger", path)
+        return None
+    seeds = _read_layer(path, "cases", "seed ledger")
+    _require_columns(seeds, SEED_COLUMNS, path, "seed ledger layer 'cases'")
+    return seeds.reset_index(drop=True)
+
+
+def read_permits(path: Path) -> gpd.GeoDataFrame | None:
+    """Read the permits (first layer) with ISO-normalised ``valid_from``/``valid_to``; None when absent.
+
+    Raises:
+        LedgerError: a column is missing or a date is not ISO.
+    """
+    if not path.exists():
+        log.info("no permits at %s: no flag is treated as permitted", path)
+        return None
+    permits = _read_layer(path, None, "permits")
+    _require_columns(permits, PERMIT_COLUMNS, path, "permits layer")
+    permits = permits.reset_index(drop=True)
+    rows = [
+        (
+            _text(r.permit_id),
+            parse_date(r.valid_from, f"{path} feature {i + 1}", "valid_from", required=False),
+            parse_date(r.valid_to, f"{path} feature {i + 1}", "valid_to", required=False),
+        )
+        for i, r in enumerate(permits.itertuples(index=False))
+    ]
+    out = gpd.GeoDataFrame(
+        pd.DataFrame(rows, columns=["permit_id", "valid_from", "valid_to"]),
+        geometry=permits.geometry.values,
+        crs=permits.crs,
+    )
+    return out[~(out.geometry.isna() | out.geometry.is_empty)].reset_index(drop=True)
+
+
+def read_areas(layers_dir: Path) -> tuple[gpd.GeoDataFrame | None, Path]:
+    """Read street polygons (``streets.gpkg``: street, district), else districts.
+
+    Returns:
+        The polygons with ``district`` and ``street`` ("" for districts), or None when neither file
+        exists, and the path they came from.
+    """
+    for name, cols in (("streets.gpkg", ("street", "district")), ("districts.gpkg", ("district",))):
+        path = layers_dir / name
+        if path.exists():
+            areas = _read_layer(path, None, name)
+            _require_columns(areas, cols, path, f"{name} layer")
+            keep = gpd.GeoDataFrame(
+                {
+                    "district": areas["district"].map(_text),
+                    "street": areas["street"].map(_text) if "street" in areas else "",
+                },
+                geometry=areas.geometry.values,
+                crs=areas.crs,
+            )
+            return keep, path
+    return None, layers_dir / "streets.gpkg"
+
+
+def field_update_files(field_dir: Path) -> dict[str, Path]:
+    """Return ``{month: path}`` of the field-update CSVs (``<YYYY-MM>.csv``) in ``field_dir``.
+
+    Raises:
+        LedgerError: a CSV there is not named after a month (its updates would otherwise be lost).
+    """
+    if not field_dir.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for path in sorted(field_dir.glob("*.csv")):
+        out[check_month_name(path.stem, f"{path}: field updates must be named <YYYY-MM>.csv; file name")] = path
+    return out
+
+
+def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]:
+    """Read and validate one month's field updates (every row, before any event is made).
+
+    Args:
+        path: the CSV (UTF-8, a BOM is accepted).
+        month: the month the file is named after; every ``at`` must fall in it.
+        source: the file as evidence names it (``field_updates/2026-03.csv``).
+
+    Raises:
+        CorruptFileError: the file cannot be parsed as CSV.
+        LedgerError: a column is missing, or a row has an unknown kind, a bad date, an ``ordered``
+            without deadline, or neither ``case_id`` nor ``x``,``y`` (the message names file and row).
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skip_blank_lines=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable UTF-8 CSV ({exc}); re-export it as CSV UTF-8") from exc
+    except pd.errors.EmptyDataError:
+        log.warning("%s is empty: no field updates for %s", path, month)
+        return []
+    table.columns = [str(c).strip() for c in table.columns]
+    _require_columns(table, ("at", "kind"), path, "field updates")
+    has_xy = "x" in table.columns and "y" in table.columns
+    if "case_id" not in table.columns and not has_xy:
+        raise LedgerError(f"{path}: field updates need a 'case_id' column or 'x' and 'y' columns; add them")
+    start, end = f"{month}-01", f"{month}-31"
+    updates: list[FieldUpdate] = []
+    for i, rec in enumerate(table.to_dict("records")):
+        row = i + 2
+        where = f"{path} row {row}"
+        cell = {k: _text(v) for k, v in rec.items()}
+        kind = cell["kind"]
+        if kind not in FIELD_KINDS:
+            hint = " (imagery observations come from flags)" if kind in EVENT_KINDS else ""
+            raise LedgerError(
+                f"{where}: kind {kind!r} is not a field update kind{hint}; use one of {', '.join(FIELD_KINDS)}"
+            )
+        at = parse_date(cell["at"], where, "at")
+        if not start <= at <= end:
+            raise LedgerError(f"{where}: at {at} is outside {month}; move the row to field_updates/{at[:7]}.csv")
+        deadline = parse_date(cell.get("deadline", ""), where, "deadline", required=kind == "ordered")
+        if deadline and deadline < at:
+            raise LedgerError(f"{where}: deadline {deadline} is before at {at}; fix the deadline")
+        x = y = None
+        if not cell.get("case_id") and has_xy and (cell["x"] or cell["y"]):
+            try:
+                x, y = float(cell["x"]), float(cell["y"])
+            except ValueError:
+                raise LedgerError(
+                    f"{where}: x {cell['x']!r}, y {cell['y']!r} are not numbers; give map coordinates"
+                ) from None
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise LedgerError(f"{where}: x, y must be finite map coordinates; fix them")
+        elif not cell.get("case_id"):
+            raise LedgerError(f"{where}: neither case_id nor x,y is given; give the case id or its map coordinates")
+        updates.append(
+            FieldUpdate(
+                source=source,
+                path=path,
+                row=row,
+                month=month,
+                at=at,
+                kind=kind,
+                actor=cell.get("actor", ""),
+                note=cell.get("note", ""),
+                deadline=deadline,
+                case_id=cell.get("case_id", ""),
+                x=x,
+                y=y,
+            )
+        )
+    return updates
+
+
+def write_ledger(out_path: Path, events: gpd.GeoDataFrame, cases: gpd.GeoDataFrame, alerts: gpd.GeoDataFrame) -> Path:
+    """Write the three layers to ``out_path`` atomically (temporary file, then :func:`os.replace`).
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ScarWatchError: the file cannot be written (the previous ledger, if any, is left unchanged).
+    """
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix}")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
+            frame.to_file(
+                tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="Unknown", promote_to_multi=False
+            )
+        os.replace(tmp, out_path)
+    except (OSError, RuntimeError) as exc:  # pyogrio's errors are RuntimeErrors
+        raise ScarWatchError(
+            f"{out_path}: cannot write the ledger ({exc}); check free space and permissions "
+            "(the previous ledger is unchanged)"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote ledger %s (%d events, %d cases, %d alerts)", out_path, len(events), len(cases), len(alerts))
+    return out_path
+
+
+def read_ledger(path: str | Path) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """Read a ledger written by :func:`pipeline.ledger.build_ledger`.
+
+    Returns:
+        ``(events, cases, alerts)``; events in log order (by ``seq``). Text columns hold "" when empty.
+
+    Raises:
+        MissingInputError: the ledger does not exist (run the ledger stage first).
+        CorruptFileError: it cannot be read or lacks a layer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: ledger not found; run `scarwatch ledger` (or `dvc repro ledger`) first")
+    frames = []
+    for name in LAYERS:
+        frame = _read_layer(path, name, "ledger")
+        text = [
+            c
+            for c in frame.columns
+            if c != frame.geometry.name
+            and (pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c]))
+        ]
+        for col in text:
+            frame[col] = frame[col].map(_text)
+        frames.append(frame)
+    events, cases, alerts = frames
+    if "seq" in events.columns:
+        events = events.sort_values("seq", kind="stable").reset_index(drop=True)
+    return events, cases, alerts
