@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import pytest
+from maps_report_data import CRS, FLAGS, MONTH, SQM_PER_MU, rect, write_inputs
+
+from pipeline import report
+from pipeline.config import ReportSettings
+from pipeline.errors import CorruptFileError, MissingInputError
+
+QA = {
+    "method": "phase_correlation",
+    "shift_applied_px": [0.5, -0.25],
+    "blocks": [{"row": 0, "col": 0, "dx": 0.3, "dy": 0.4}, {"row": 0, "col": 1, "dx": 0.0, "dy": 1.0}],
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("report")
+    paths = write_inputs(root)
+    qa = root / "qa.json"
+    qa.write_text(json.dumps(QA), encoding="utf-8")
+    truth = root / "truth.gpkg"
+    rows = [f for f in FLAGS if f[0] in ("F-0301", "F-0302", "F-0304")]
+    gpd.GeoDataFrame(
+        {
+            "month": [MONTH] * 4,
+            "kind": [f[2] for f in rows] + ["new"],
+            "structure_id": ["s1", "s2", "s3", "s4"],
+            "legal": [False] * 4,
+            "event": ["build", "build", "demolish", "build"],
+        },
+        geometry=[rect(f[4], f[5], f[3]) for f in rows] + [rect(1900, 1900, 50.0)],
+        crs=CRS,
+    ).to_file(truth, layer="changes", driver="GPKG")
+    html = report.build_report(
+        MONTH,
+        paths["ledger"],
+        paths["flags"],
+        root / "monthly",
+        settings=ReportSettings(),
+        qa_path=qa,
+        truth_path=truth,
+        metrics_path=root / "metrics.json",
+    )
+    return {
+        "paths": paths,
+        "root": root,
+        "html": html.read_text(encoding="utf-8"),
+        "md": (root / "monthly" / f"{MONTH}.md").read_text(encoding="utf-8"),
+        "metrics": json.loads((root / "metrics.json").read_text(encoding="utf-8")),
+    }
+
+
+def test_new_illegal_construction_excludes_permits(built: dict[str, Any]) -> None:
+    m = built["metrics"]
+    assert m["month"] == MONTH
+    assert m["new_cases"]["count"] == 3
+    assert m["new_cases"]["area_m2"] == pytest.approx(450.0)
+    assert m["new_cases"]["area_mu"] == pytest.approx(450.0 / SQM_PER_MU, abs=1e-3)
+    assert [c["case_id"] for c in m["new_cases"]["cases"]] == ["C-001", "C-002", "C-003"]
+    assert [c["state"] for c in m["new_cases"]["cases"]] == ["warning", "confirmed", "stopped"]
+    assert m["permitted"] == {"count": 1, "area_m2": 300.0, "area_mu": 0.45, "case_ids": ["C-004"]}
+    assert m["flags"]["new"]["count"] == 4 and m["flags"]["removed"]["count"] == 1
+    assert m["flags"]["new"]["area_m2"] == pytest.approx(750.0)
+    by_place = {(r["district"], r["street"]): r["count"] for r in m["by_place"]}
+    assert by_place == {("南关区", "a1"): 1, ("南关区", "a2"): 1, ("朝阳区", "b1"): 1}
+
+
+def test_lifecycle_demolitions_alerts_and_closure(built: dict[str, Any]) -> None:
+    m = built["metrics"]
+    moved = {k: v["case_ids"] for k, v in m["lifecycle"].items()}
+    assert moved["stopped"] == ["C-003"] and moved["demolished"] == ["C-005"]
+    assert moved["repaired"] == ["C-006"] and moved["closed"] == ["C-006"] and moved["ordered"] == []
+    assert m["demolitions"]["verified"] == ["C-005"]
+    assert m["demolitions"]["removed_without_report"] == [] and m["demolitions"]["awaiting_imagery"] == []
+    assert m["alerts"]["count"] == 2 and m["alerts"]["by_kind"] == {"expansion_after_stop": 1, "overdue": 1}
+    assert m["cases_total"] == 7 and m["cases_active"] == 6 and m["cases_closed"] == 1
+    assert m["closure_rate"] == pytest.approx(1 / 6, abs=1e-4)
+    assert m["states"]["warning"] == 1 and m["states"]["closed"] == 1  # C-001 closes only in May
+
+
+def test_qa_and_accuracy(built: dict[str, Any]) -> None:
+    m = built["metrics"]
+    assert m["qa"]["residual_px"] == {"n": 2, "mean": 0.75, "max": 1.0, "field": "dx/dy"}
+    assert ["method", "phase_correlation"] in m["qa"]["rows"]
+    acc = m["accuracy"]
+    assert (acc["new"]["tp"], acc["new"]["fp"], acc["new"]["fn"]) == (2, 2, 1)
+    assert acc["new"]["precision"] == pytest.approx(0.5) and acc["new"]["recall"] == pytest.approx(2 / 3, abs=1e-3)
+    assert (acc["removed"]["tp"], acc["removed"]["fp"], acc["removed"]["fn"]) == (1, 0, 0)
+    assert "精确率 0.50" in built["html"] and "precision 0.50" in built["html"]
+
+
+def test_html_is_chinese_first_and_self_contained(built: dict[str, Any]) -> None:
+    html = built["html"]
+    zh, en = html.index('id="section-zh"'), html.index('id="section-en"')
+    assert zh < en
+    zh_part, en_part = (re.sub(r"<[^>]+>", "", part) for part in (html[zh:en], html[en:]))
+    assert "新增违法建设" in zh_part and "3 处" in zh_part and "450.0 m²" in zh_part and "0.675 亩" in zh_part
+    assert "New illegal construction" in en_part and "0.675 mu" in en_part
+    for case in ("C-001", "C-002", "C-003"):
+        assert case in zh_part and case in en_part
+    assert "C-007" not in html
+    assert "许可建设（已排除，单独统计）: 1 处, 300.0 m² (0.450 亩) (C-004)" in zh_part  # excluded, but named
+    assert "16.7%" in zh_part and "已核验拆除" in zh_part and "逾期" in zh_part
+    assert "分块残差位移" in zh_part
+    assert "Noto Sans CJK SC" in html  # CJK font stack
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+
+
+def test_markdown_mirrors_the_html(built: dict[str, Any]) -> None:
+    md = built["md"]
+    assert md.index("# 2026-03 新增违法建设监测月报") < md.index("# 2026-03 Monthly incremental construction report")
+    assert "| C-002 | 南关区 a2 | 250.0 | 0.375 | 已发现 |" in md
+    assert "| C-002 | 南关区 a2 | 250.0 | 0.375 | confirmed |" in md
+    assert "<" not in md.replace("<br>", "")  # no HTML escapes or tags leaked
+
+
+def test_languages_setting_and_default_metrics_path(built: dict[str, Any], tmp_path: Path) -> None:
+    p = built["paths"]
+    out = report.build_report(MONTH, p["ledger"], p["flags"], tmp_path, settings=ReportSettings(languages=("en",)))
+    html = out.read_text(encoding="utf-8")
+    assert 'id="section-en"' in html and 'id="section-zh"' not in html
+    metrics = json.loads((tmp_path / f"{MONTH}.json").read_text(encoding="utf-8"))
+    assert metrics["qa"] is None and metrics["accuracy"] is None
+    assert "No co-registration QA file" in html
+
+
+def test_qa_errors(built: dict[str, Any], tmp_path: Path) -> None:
+    p = built["paths"]
+    with pytest.raises(MissingInputError, match=r"qa\.json: not found; run the 'align' stage"):
+        report.build_report(
+            MONTH, p["ledger"], p["flags"], tmp_path, settings=ReportSettings(), qa_path=tmp_path / "qa.json"
+        )
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(CorruptFileError, match=r"bad\.json: not valid JSON"):
+        report.build_report(MONTH, p["ledger"], p["flags"], tmp_path, settings=ReportSettings(), qa_path=bad)
+
+
+@pytest.mark.parametrize(
+    ("qa", "expected_rows", "residual"),
+    [
+        ({}, [], None),
+        ({"rmse_px": 0.25, "note": None}, [["rmse_px", "0.25"]], None),
+        (
+            [{"shift_x": 3, "shift_y": 4}],
+            [["", "1 records"]],
+            {"n": 1, "mean": 5.0, "max": 5.0, "field": "shift_x/shift_y"},
+        ),
+        (
+            {"shift": [1.0, 2.0], "many": [1, 2, 3, 4, 5]},
+            [["shift", "1, 2"], ["many", "n=5, mean=3.000, max=5.000"]],
+            None,
+        ),
+        (  # the align stage's layout: per-block [dx, dy] before and after co-registration
+            {
+                "residual_after_median_px": 0.1,
+                "blocks": [
+                    {"col_off": 0, "texture": 0.2, "before_px": [-1.0, 1.8], "after_px": [0.0, -0.1]},
+                    {"col_off": 150, "texture": 0.1, "before_px": [-1.2, 1.6], "after_px": [0.3, 0.4]},
+                ],
+            },
+            [
+                ["residual_after_median_px", "0.1"],
+                ["blocks", "2 records"],
+                ["blocks[].after_px |d|", "n=2, mean=0.300, max=0.500"],
+                ["blocks[].before_px |d|", "n=2, mean=2.030, max=2.059"],
+                ["blocks[].texture", "n=2, mean=0.150, max=0.200"],
+            ],
+            {"n": 2, "mean": 0.3, "max": 0.5, "field": "after_px"},
+        ),
+    ],
+)
+def test_summarize_qa_reads_any_shape(qa: Any, expected_rows: list[list[str]], residual: Any) -> None:
+    out = report.summarize_qa(qa)
+    assert out["rows"][: len(expected_rows)] == expected_rows
+    assert out["residual_px"] == residual
+
+
+def test_ledger_without_first_month_or_alerts(built: dict[str, Any], tmp_path: Path) -> None:
+    p = built["paths"]
+    ledger = tmp_path / "ledger.gpkg"
+    cases = gpd.read_file(p["ledger"], layer="cases").drop(columns=["first_month"])
+    cases.to_file(ledger, layer="cases", driver="GPKG")
+    gpd.read_file(p["ledger"], layer="events").drop(columns=["month"]).to_file(ledger, layer="events", driver="GPKG")
+    report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
+    m = json.loads((tmp_path / f"{MONTH}.json").read_text(encoding="utf-8"))
+    assert m["new_cases"]["count"] == 3 and m["cases_total"] == 7  # first months derived from the events
+    assert m["alerts"] == {"count": 0, "by_kind": {}, "items": []}
