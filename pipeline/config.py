@@ -115,6 +115,8 @@ class DetectSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(4, ge=1)
     workers: int = Field(2, ge=0)
+    prefetch: int = Field(default=2, ge=1)  # batches read ahead of the model
+    cva_sample_tiles: int = Field(default=64, ge=1)  # tiles sampled to fit the CVA threshold
 
 
 class VectorizeSettings(_Section):
@@ -125,6 +127,10 @@ class VectorizeSettings(_Section):
     min_area_m2: float = Field(12.0, ge=0)
     simplify_m: float = Field(0.5, ge=0)
     regularize: bool = True
+    rect_fill: float = Field(default=0.8, gt=0, le=1)  # regularise to a rectangle when area / rectangle >= this
+    sliver_m: float = Field(default=1.0, ge=0)  # drop polygons narrower than this (metres)
+    window_px: int = Field(default=2048, ge=64)  # processing window (pixels a side)
+    halo_px: int = Field(default=64, ge=0)  # context read around each window
 
     @model_validator(mode="after")
     def _hysteresis(self) -> VectorizeSettings:
@@ -145,12 +151,70 @@ class MapSettings(_Section):
     """The inspector map."""
 
     max_flags: int = Field(5000, ge=1)
+    max_chips: int = Field(300, ge=0)
+    chip_px: int = Field(128, ge=16, le=512)
+    chip_margin_m: float = Field(10.0, ge=0)
+    overlay_max_px: int = Field(2048, ge=64, le=8192)
+    overlay_quality: int = Field(80, ge=10, le=95)
+    tiles: str | None = None  # a tile URL template; makes the page fetch tiles when online (offline: None)
+    tiles_attribution: str | None = None
 
 
 class ReportSettings(_Section):
     """The monthly report."""
 
     languages: tuple[Literal["zh", "en"], ...] = ("zh", "en")
+
+
+class TrainSettings(_Section):
+    """Training the change network (``scarwatch train``; see pipeline/train.py)."""
+
+    data: Path = Path("../shared/data")  # the shared real data, read at run time, never copied
+    arch: str = "scarnet"
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    in_channels: Literal[3, 4] = 3
+    seed: int = 20260401
+    steps: int = Field(3000, ge=1)
+    time_limit_min: float | None = Field(None, gt=0)  # stop (and finish the LR schedule) by this time
+    batch_size: int = Field(8, ge=1)
+    crop: int = Field(128, ge=32, multiple_of=16)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"santa": 0.25, "erase": 0.2, "paste": 0.25, "nochange": 0.1, "synth": 0.2}
+    )
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # Santa Rosa share held out by cluster
+    split_seed: int = 0
+    log_every: int = Field(50, ge=1)
+    val_every: int = Field(300, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    log_path: Path = Path("models/train_log.jsonl")
+    threads: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: Path | None = None  # fine-tune from this checkpoint
+
+
+class EvaluateSettings(_Section):
+    """Scoring checkpoints and baselines on the validation sets (see pipeline/evaluate.py)."""
+
+    data: Path = Path("../shared/data")
+    out: Path = Path("models/metrics.json")
+    card: Path | None = Path("models/scarnet.md")  # model card to fill with the metrics table
+    baselines: tuple[Path, ...] = (Path("models/fc_siam_diff.pt"),)  # trained baselines (CVA always runs)
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # must match train.val_fraction
+    split_seed: int = 0  # must match train.split_seed
+    demo_pairs: int = Field(24, ge=0)
+    demo_seed: int = 777  # fixed; training draws demo pairs from other seeds
+    demo_size: int = Field(256, ge=32, multiple_of=16)
+    iou_threshold: float = Field(0.5, gt=0, le=1)  # object match
+    min_object_px: int = Field(16, ge=1)  # smaller components are not objects (4 m² at 0.5 m)
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # calibration grid
+    calibration_weights: dict[str, float] = Field(
+        default_factory=lambda: {"levir-dev": 0.4, "demo-town": 0.4, "santa-rosa": 0.2}
+    )
+    calibrate: bool = True  # write the chosen threshold into the checkpoint
 
 
 class Settings(_Section):
@@ -161,13 +225,13 @@ class Settings(_Section):
     demo: DemoSettings = DemoSettings()  # type: ignore[call-arg]
     align: AlignSettings = AlignSettings()  # type: ignore[call-arg]
     tile: TileSettings = TileSettings()  # type: ignore[call-arg]
-    detect: DetectSettings = DetectSettings()
+    detect: DetectSettings = DetectSettings()  # type: ignore[call-arg]
     vectorize: VectorizeSettings = VectorizeSettings()  # type: ignore[call-arg]
     ledger: LedgerSettings = LedgerSettings()  # type: ignore[call-arg]
     map: MapSettings = MapSettings()  # type: ignore[call-arg]
     report: ReportSettings = ReportSettings()
-    train: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSettings = TrainSettings()  # type: ignore[call-arg]
+    evaluate: EvaluateSettings = EvaluateSettings()  # type: ignore[call-arg]
 
     @field_validator("months", mode="before")
     @classmethod
