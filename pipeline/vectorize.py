@@ -1,0 +1,413 @@
+"""Change probabilities -> flag polygons with attributes, merged across window borders.
+
+:func:`vectorize_month` reads the probability COG of a month (``p_new``, ``p_removed``; uint8
+``round(p * 254)``, 255 = nodata) window by window and writes the month's flags (GeoPackage layer
+``flags`` and a GeoParquet twin), in the grid's CRS.
+
+Per window (``window_px`` square) it reads ``halo_px`` of context on every side and, per kind:
+
+1. **Hysteresis**: pixels above ``high`` seed objects that grow into connected pixels above ``low``
+   (``skimage.filters.apply_hysteresis_threshold``); a weak blob with no strong pixel is dropped.
+2. **Clean-up**: a 3x3 opening (removes specks and one-pixel bridges) and a 3x3 closing (closes
+   one-pixel gaps); both leave axis-aligned rectangles unchanged.
+3. **Polygons**: the window's core (halo dropped) is labelled (4-connectivity) and traced with
+   ``rasterio.features.shapes``; per label the sum, count and maximum of ``p`` are kept.
+
+Memory is bounded by one window plus its halo; objects connected through more than ``halo_px`` of
+context beyond a window are outside that bound (a documented limit, not a silent one).
+
+Then, per kind, parts that share an edge across window borders are unioned (``unary_union``) into one
+object, its pixel statistics pooled. Each object loses its holes, is dropped below ``min_area_m2``, is
+regularised or simplified, and slivers narrower than ``sliver_m`` are dropped:
+
+* **Regularisation** (``regularize``): when the polygon fills at least ``rect_fill`` of its minimum
+  rotated rectangle (building-like), it is replaced by that rectangle scaled about its centroid to the
+  polygon's area (orientation from the data, area preserved); otherwise it is simplified by
+  ``simplify_m`` (Douglas-Peucker, topology preserved).
+
+Attributes: ``flag_id`` (``F<YYYYMM>-<N|R>-<8 hex of sha1(month, kind, geometry rounded to 0.1 m)>``,
+stable across runs), ``month``, ``kind``, ``area_m2``, ``area_mu`` (亩 = 10000/15 m² ≈ 666.67 m²),
+``p_mean``, ``p_max``, ``lon``/``lat`` of the centroid in EPSG:4326, ``district`` and ``street`` of the
+polygon of ``layers_dir/districts.gpkg`` / ``streets.gpkg`` holding the centroid ('' when none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from rasterio.crs import CRS
+from rasterio.features import shapes
+from rasterio.windows import Window
+from scipy import ndimage
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
+from skimage.filters import apply_hysteresis_threshold
+
+from pipeline.config import VectorizeSettings, check_month
+from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("new", "removed")
+NODATA = 255
+SCALE = 254.0
+MU_M2 = 10000.0 / 15.0  # one 亩
+COLUMNS = ("flag_id", "month", "kind", "area_m2", "area_mu", "p_mean", "p_max", "lon", "lat", "district", "street")
+_FLOAT_COLUMNS = ("area_m2", "area_mu", "p_mean", "p_max", "lon", "lat")
+_FOOTPRINT = np.ones((3, 3), bool)
+
+
+@dataclass
+class _Part:
+    """A connected object found in one window's core, with its pixel statistics."""
+
+    geom: BaseGeometry
+    window: int
+    p_sum: float
+    n: int
+    p_max: float
+    on_seam: bool
+
+
+def clean_mask(p: np.ndarray, settings: VectorizeSettings) -> np.ndarray:
+    """Hysteresis threshold then 3x3 opening and closing of a probability array (h, w) in [0, 1]."""
+    mask = apply_hysteresis_threshold(p, settings.low, settings.high)
+    mask = ndimage.binary_opening(mask, structure=_FOOTPRINT)
+    padded = np.pad(mask, 1, mode="edge")  # so the closing does not erode objects at the array edge
+    return np.asarray(ndimage.binary_closing(padded, structure=_FOOTPRINT)[1:-1, 1:-1])
+
+
+def _windows(width: int, height: int, size: int) -> list[Window]:
+    return [
+        Window(c, r, min(size, width - c), min(size, height - r))
+        for r in range(0, height, size)
+        for c in range(0, width, size)
+    ]
+
+
+def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings) -> dict[str, list[_Part]]:
+    """Objects of both kinds in one window's core (context read from the halo around it)."""
+    halo = settings.halo_px
+    r0, c0 = max(0, core.row_off - halo), max(0, core.col_off - halo)
+    r1 = min(ds.height, core.row_off + core.height + halo)
+    c1 = min(ds.width, core.col_off + core.width + halo)
+    data = ds.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+    rows = slice(core.row_off - r0, core.row_off - r0 + core.height)
+    cols = slice(core.col_off - c0, core.col_off - c0 + core.width)
+    transform = ds.window_transform(core)
+    seams = (
+        core.row_off > 0,
+        core.row_off + core.height < ds.height,
+        core.col_off > 0,
+        core.col_off + core.width < ds.width,
+    )
+    out: dict[str, list[_Part]] = {}
+    for band, kind in enumerate(KINDS):
+        raw = data[band]
+        p = np.where(raw == NODATA, 0.0, raw / SCALE).astype(np.float32)
+        mask = clean_mask(p, settings)[rows, cols]
+        labels, n = ndimage.label(mask)  # 4-connectivity, as shapes(connectivity=4)
+        if n == 0:
+            out[kind] = []
+            continue
+        pc = p[rows, cols]
+        flat = labels.ravel()
+        sums = np.bincount(flat, weights=pc.ravel(), minlength=n + 1)
+        counts = np.bincount(flat, minlength=n + 1)
+        maxs = ndimage.maximum(pc, labels, np.arange(n + 1))
+        edge: set[int] = set()
+        for on, line in zip(seams, (labels[0], labels[-1], labels[:, 0], labels[:, -1]), strict=True):
+            if on:
+                edge.update(np.unique(line[line > 0]).tolist())
+        parts = []
+        for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4, transform=transform):
+            lab = int(value)
+            parts.append(_Part(shape(geom), index, float(sums[lab]), int(counts[lab]), float(maxs[lab]), lab in edge))
+        out[kind] = parts
+    return out
+
+
+def _merge_seams(parts: list[_Part]) -> list[_Part]:
+    """Union parts of different windows that share an edge (union-find over an STRtree)."""
+    idx = [i for i, p in enumerate(parts) if p.on_seam]
+    if len(idx) < 2:
+        return parts
+    parent = list(range(len(idx)))  # union-find over positions in idx
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tree = shapely.STRtree([parts[i].geom for i in idx])
+    left, right = tree.query([parts[i].geom for i in idx], predicate="intersects")
+    for a, b in zip(left.tolist(), right.tolist(), strict=True):
+        pa, pb = parts[idx[a]], parts[idx[b]]
+        if a < b and pa.window != pb.window and pa.geom.intersection(pb.geom).length > 0:
+            parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = {}
+    for a in range(len(idx)):
+        groups.setdefault(find(a), []).append(idx[a])
+    merged = [p for p in parts if not p.on_seam]
+    for members in groups.values():
+        group = [parts[i] for i in members]
+        geom = group[0].geom if len(group) == 1 else shapely.unary_union([g.geom for g in group])
+        merged.append(
+            _Part(geom, group[0].window, sum(g.p_sum for g in group), sum(g.n for g in group),
+                  max(g.p_max for g in group), False)
+        )  # fmt: skip
+    return merged
+
+
+def _polygons(geom: BaseGeometry) -> list[Polygon]:
+    if isinstance(geom, Polygon):
+        return [geom]
+    if isinstance(geom, MultiPolygon):
+        return list(geom.geoms)
+    if hasattr(geom, "geoms"):
+        return [g for sub in geom.geoms for g in _polygons(sub)]
+    return []
+
+
+def _rectangle(poly: Polygon, fill: float) -> Polygon | None:
+    """The area-preserving minimum rotated rectangle of ``poly`` when ``poly`` fills it well, else None."""
+    rect = poly.minimum_rotated_rectangle
+    if not isinstance(rect, Polygon) or rect.area <= 0 or poly.area / rect.area < fill:
+        return None
+    k = math.sqrt(poly.area / rect.area)
+    out = affinity.scale(rect, xfact=k, yfact=k, origin=rect.centroid)
+    return out if isinstance(out, Polygon) else None
+
+
+def _width(poly: Polygon) -> float:
+    """Shorter side of the minimum rotated rectangle."""
+    rect = poly.minimum_rotated_rectangle
+    if not isinstance(rect, Polygon):
+        return 0.0
+    xy = np.asarray(rect.exterior.coords)[:3]
+    sides = np.hypot(*np.diff(xy, axis=0).T)
+    return float(sides.min())
+
+
+def shape_object(geom: BaseGeometry, settings: VectorizeSettings) -> list[Polygon]:
+    """Remove holes, drop small parts, regularise or simplify, drop slivers."""
+    out = []
+    for part in _polygons(geom):
+        poly = Polygon(part.exterior)
+        if poly.area < settings.min_area_m2 or poly.area <= 0:
+            continue
+        rect = _rectangle(poly, settings.rect_fill) if settings.regularize else None
+        if rect is not None:
+            poly = rect
+        elif settings.simplify_m > 0:
+            simple = poly.simplify(settings.simplify_m, preserve_topology=True)
+            poly = simple if isinstance(simple, Polygon) and simple.is_valid else poly
+        if not poly.is_valid:
+            poly = max(_polygons(shapely.make_valid(poly)), key=lambda g: g.area, default=Polygon())
+        if poly.is_empty or poly.area < settings.min_area_m2 or _width(poly) < settings.sliver_m:
+            continue
+        out.append(poly)
+    return out
+
+
+def flag_id(month: str, kind: str, geom: BaseGeometry) -> str:
+    """Stable id of a flag: ``F<YYYYMM>-<N|R>-<first 8 hex of sha1(month|kind|geometry at 0.1 m)>``.
+
+    >>> flag_id("2026-03", "new", Polygon([(0, 0), (10, 0), (10, 10), (0, 10)]))[:10]
+    'F202603-N-'
+    """
+    wkt = shapely.to_wkt(shapely.normalize(geom), rounding_precision=1, trim=True)
+    digest = hashlib.sha1(f"{month}|{kind}|{wkt}".encode()).hexdigest()[:8]
+    return f"F{month.replace('-', '')}-{kind[0].upper()}-{digest}"
+
+
+def empty_flags(crs: CRS | str | None) -> gpd.GeoDataFrame:
+    """An empty flags table with the full schema."""
+    data: dict[str, Any] = {c: pd.Series(dtype="float64" if c in _FLOAT_COLUMNS else "object") for c in COLUMNS}
+    return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def _join_layer(points: gpd.GeoSeries, path: Path, column: str) -> list[str]:
+    """Value of ``column`` of the polygon of ``path`` holding each point ('' when none)."""
+    if not path.exists():
+        log.info("%s not found; '%s' left empty", path, column)
+        return [""] * len(points)
+    try:
+        layer = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises several unrelated types for a bad file
+        raise CorruptFileError(f"{path}: not a readable GeoPackage ({exc}); rewrite the layer") from exc
+    if column not in layer.columns:
+        raise InputError(f"{path}: no '{column}' column (has {list(layer.columns)!r}); add it to the layer")
+    if layer.crs is None:
+        raise CRSError(f"{path}: layer has no CRS; set one (e.g. layer.set_crs) and rewrite it")
+    if CRS.from_user_input(layer.crs) != CRS.from_user_input(points.crs):
+        log.info("reprojecting %s from %s to the grid CRS for the '%s' join", path, layer.crs, column)
+        layer = layer.to_crs(points.crs)
+    if len(points) == 0:
+        return []
+    pts = gpd.GeoDataFrame(geometry=points.reset_index(drop=True))
+    joined = gpd.sjoin(pts, layer[[column, "geometry"]], how="left", predicate="within")
+    joined = joined[~joined.index.duplicated(keep="first")].sort_index()
+    return [str(v) if isinstance(v, str) or pd.notna(v) else "" for v in joined[column]]
+
+
+def _write(gdf: gpd.GeoDataFrame, out_path: Path) -> None:
+    """Write the GeoPackage layer ``flags`` and the GeoParquet twin, each via a temporary file."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.gpkg")
+    tmp.unlink(missing_ok=True)
+    gdf.to_file(tmp, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+    tmp.replace(out_path)
+    parquet = out_path.with_suffix(".parquet")
+    tmp_pq = parquet.with_name(f".{parquet.stem}.tmp.parquet")
+    gdf.to_parquet(tmp_pq, index=False)
+    tmp_pq.replace(parquet)
+
+
+def vectorize_month(
+    prob_path: Path,
+    out_path: Path,
+    settings: VectorizeSettings,
+    *,
+    month: str,
+    layers_dir: Path | None = None,
+) -> gpd.GeoDataFrame:
+    """Turn a month's probability COG into flag polygons and write them.
+
+    Args:
+        prob_path: the probability COG (``<processed>/prob/<month>.tif``).
+        out_path: the GeoPackage to write (``<processed>/flags/<month>.gpkg``; ``.parquet`` beside it).
+        settings: ``vectorize`` settings.
+        month: the month (``YYYY-MM``) the flags belong to.
+        layers_dir: folder with ``districts.gpkg`` and ``streets.gpkg``; None leaves both columns empty.
+
+    Returns:
+        The flags (columns of :data:`COLUMNS` plus geometry, in the grid CRS), as written.
+
+    Raises:
+        ConfigError: ``month`` is not ``YYYY-MM``.
+        MissingInputError: ``prob_path`` does not exist.
+        CorruptFileError: it cannot be read.
+        InputError: it does not have the two probability bands.
+        CRSError: it has no CRS.
+    """
+    try:
+        check_month(month)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    prob_path, out_path = Path(prob_path), Path(out_path)
+    if not prob_path.exists():
+        raise MissingInputError(f"{prob_path}: probability raster not found; run 'scarwatch detect' for {month}")
+    try:
+        ds = rasterio.open(prob_path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise CorruptFileError(f"{prob_path}: not a readable raster ({exc}); rerun 'scarwatch detect'") from exc
+    with ds:
+        if ds.count != 2 or ds.dtypes[0] != "uint8":
+            raise InputError(f"{prob_path}: expected 2 uint8 bands (p_new, p_removed); rerun 'scarwatch detect'")
+        if ds.crs is None:
+            raise CRSError(f"{prob_path}: raster has no CRS; rerun 'scarwatch align' and 'detect'")
+        crs = ds.crs
+        parts: dict[str, list[_Part]] = {k: [] for k in KINDS}
+        for i, window in enumerate(_windows(ds.width, ds.height, settings.window_px)):
+            for kind, found in _window_parts(ds, window, i, settings).items():
+                parts[kind].extend(found)
+
+    rows: list[dict[str, Any]] = []
+    geoms: list[Polygon] = []
+    for kind in KINDS:
+        for obj in _merge_seams(parts[kind]):
+            for poly in shape_object(obj.geom, settings):
+                rows.append(
+                    {
+                        "flag_id": flag_id(month, kind, poly),
+                        "month": month,
+                        "kind": kind,
+                        "area_m2": round(poly.area, 2),
+                        "area_mu": round(poly.area / MU_M2, 4),
+                        "p_mean": round(obj.p_sum / max(obj.n, 1), 4),
+                        "p_max": round(obj.p_max, 4),
+                    }
+                )
+                geoms.append(poly)
+    if not rows:
+        flags = empty_flags(crs)
+    else:
+        flags = gpd.GeoDataFrame(pd.DataFrame(rows), geometry=geoms, crs=crs)
+        centroids = flags.geometry.centroid
+        lonlat = centroids.to_crs("EPSG:4326")
+        flags["lon"] = lonlat.x.round(7).to_numpy()
+        flags["lat"] = lonlat.y.round(7).to_numpy()
+        for column, name in (("district", "districts.gpkg"), ("street", "streets.gpkg")):
+            flags[column] = _join_layer(centroids, layers_dir / name, column) if layers_dir else [""] * len(flags)
+        order = np.lexsort((centroids.x.to_numpy(), -centroids.y.to_numpy(), flags["kind"].to_numpy()))
+        flags = flags.iloc[order].reset_index(drop=True)[[*COLUMNS, "geometry"]]
+        flags = flags.drop_duplicates("flag_id").reset_index(drop=True)
+    _write(flags, out_path)
+    log.info("%s: %d flags -> %s", month, len(flags), out_path)
+    return flags
+
+
+def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month: str) -> dict[str, Any]:
+    """Object-level scores of a month's flags against the truth (``changes`` layer of the demo truth).
+
+    Per kind and for both kinds pooled (``all``): one-to-one matches at IoU >= 0.5 (``iou50``) and
+    matches where the flag covers the true object's centroid (``centroid``), via
+    :func:`pipeline.evaluate.object_scores`.
+
+    Args:
+        flags_gdf: flags (``month``, ``kind``, geometry), as from :func:`vectorize_month`.
+        truth_gdf: true changes (``month``, ``kind``, geometry).
+        month: the month to score.
+
+    Returns:
+        ``{kind: {"iou50": Scores.as_dict(), "centroid": Scores.as_dict()}}`` for ``new``, ``removed``, ``all``.
+
+    Raises:
+        InputError: a table lacks ``month`` or ``kind``.
+        CRSError: either table has no CRS.
+    """
+    from pipeline.evaluate import object_scores
+
+    for name, table in (("flags", flags_gdf), ("truth", truth_gdf)):
+        missing = {"month", "kind"} - set(table.columns)
+        if missing:
+            raise InputError(f"{name} table lacks columns {sorted(missing)!r}; pass the flags / 'changes' layer")
+        if table.crs is None and len(table):
+            raise CRSError(f"{name} table has no CRS; set it (set_crs) before scoring")
+    truth = truth_gdf[truth_gdf["month"].astype(str) == month]
+    if (
+        len(truth)
+        and flags_gdf.crs is not None
+        and CRS.from_user_input(truth.crs) != CRS.from_user_input(flags_gdf.crs)
+    ):
+        log.info("reprojecting truth from %s to the flags CRS for scoring", truth.crs)
+        truth = truth.to_crs(flags_gdf.crs)
+    flags = flags_gdf[flags_gdf["month"].astype(str) == month]
+    out: dict[str, Any] = {}
+    totals: dict[str, Any] = {}
+    for kind in KINDS:
+        pred = flags.geometry[flags["kind"] == kind]
+        true = truth.geometry[truth["kind"] == kind]
+        out[kind] = {}
+        by_mode = {
+            "iou50": object_scores(pred, true, iou_threshold=0.5, mode="iou"),
+            "centroid": object_scores(pred, true, mode="centroid"),
+        }
+        for key, scores in by_mode.items():
+            out[kind][key] = scores.as_dict()
+            totals[key] = scores if key not in totals else totals[key] + scores
+    out["all"] = {key: s.as_dict() for key, s in totals.items()}
+    return out

@@ -1,0 +1,345 @@
+"""Detection: seam-free blending, nodata, COG layout, CVA, device checks, dask equivalence."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from pipeline import detect as det
+from pipeline.config import DetectSettings
+from pipeline.errors import ConfigError, CRSMismatchError, ModelError
+from pipeline.tiling import make_grid, write_tile_index
+
+CRS_CODE = "EPSG:4551"
+TRANSFORM = Affine(0.5, 0, 500000.0, 0, -0.5, 4862000.0)
+
+
+class NpyPair:
+    """Fake ``AlignedPair``: arrays in ``pair_dir`` (images.npy (2, c, H, W) float32, valid.npy, pair.json)."""
+
+    def __init__(self, pair_dir: Path):
+        meta = json.loads((pair_dir / "pair.json").read_text())
+        self.images = np.load(pair_dir / "images.npy", mmap_mode="r")
+        self.valid = np.load(pair_dir / "valid.npy", mmap_mode="r")
+        self.crs = CRS.from_user_input(meta["crs"])
+        self.transform = Affine(*meta["transform"])
+        self.count = int(self.images.shape[1])
+        self.height, self.width = (int(v) for v in self.images.shape[-2:])
+        self.res = (abs(self.transform.a), abs(self.transform.e))
+        self.month, self.prev = meta["month"], meta["prev"]
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = window.toslices()
+        return np.array(self.images[:, :, rows, cols], dtype=np.float32), np.array(self.valid[rows, cols])
+
+    def read_valid(self, window: Window) -> np.ndarray:
+        rows, cols = window.toslices()
+        return np.array(self.valid[rows, cols])
+
+
+@contextmanager
+def open_npy_pair(pair_dir: Path) -> Iterator[NpyPair]:
+    yield NpyPair(Path(pair_dir))
+
+
+class ConvNet(torch.nn.Module):
+    """Deterministic fake change network: two 3x3 convs (receptive field 5 px), logits (b, 2, h, w)."""
+
+    def __init__(self, bands: int = 3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.conv1 = torch.nn.Conv2d(2 * bands, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 2, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = x.shape
+        return 3.0 * self.conv2(torch.tanh(self.conv1(x.reshape(b, t * c, h, w))))
+
+
+def make_pair(tmp: Path, *, height: int = 200, width: int = 232, seed: int = 0, invalid: bool = True) -> Path:
+    """A smooth random pair with a bright new block; optionally an invalid left strip and corner."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    prev = np.stack([gaussian_filter(rng.random((height, width)), 2) for _ in range(3)])
+    prev = (prev - prev.min()) / (prev.max() - prev.min())
+    curr = prev.copy()
+    curr[:, 60:100, 120:180] = 0.95
+    images = np.stack([prev, curr]).astype(np.float32)
+    valid = np.ones((height, width), bool)
+    if invalid:
+        valid[:, :20] = False
+        valid[-30:, -40:] = False
+    pair_dir = tmp / "pair"
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    np.save(pair_dir / "images.npy", images)
+    np.save(pair_dir / "valid.npy", valid)
+    meta = {"crs": CRS_CODE, "transform": list(TRANSFORM)[:6], "month": "2026-03", "prev": "2026-02"}
+    (pair_dir / "pair.json").write_text(json.dumps(meta))
+    return pair_dir
+
+
+def tile_index(tmp: Path, pair_dir: Path, size: int, overlap: int) -> Path:
+    pair = NpyPair(pair_dir)
+    tiles = make_grid(pair.width, pair.height, pair.transform, size=size, overlap=overlap)
+    return write_tile_index(tiles, CRS_CODE, tmp / f"tiles_{size}_{overlap}.parquet")
+
+
+def run(tmp: Path, pair_dir: Path, size: int, overlap: int, **kw: Any) -> tuple[np.ndarray, det.DetectSummary]:
+    settings = kw.pop("settings", DetectSettings(method="cnn", device="cpu", batch_size=3, workers=2))
+    predictor = kw.pop("predictor", None) or det.ModulePredictor(ConvNet(), device="cpu")
+    out = tmp / f"prob_{size}_{overlap}_{kw.get('scheduler') is not None}.tif"
+    summary = det.detect_pair(
+        pair_dir,
+        tile_index(tmp, pair_dir, size, overlap),
+        out,
+        settings,
+        overlap=overlap,
+        predictor=predictor,
+        opener=open_npy_pair,
+        **kw,
+    )
+    with rasterio.open(out) as ds:
+        return ds.read(), summary
+
+
+def test_blend_ramp_smooth_and_positive() -> None:
+    ramp = det.blend_ramp(64, 16)
+    assert ramp.min() > 0 and ramp[0] < 1e-3
+    assert (np.diff(ramp[:16]) > 0).all()
+    np.testing.assert_allclose(ramp[:16], ramp[-16:][::-1])
+    assert (ramp[16:-16] == 1).all()
+    assert (det.blend_ramp(32, 0) == 1).all()
+    with pytest.raises(ValueError, match="half the tile size"):
+        det.blend_ramp(32, 17)
+
+
+@pytest.mark.parametrize(("size", "overlap"), [(64, 16), (96, 24), (80, 32)])
+def test_tiled_equals_whole_away_from_border(tmp_path: Path, size: int, overlap: int) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    whole, _ = run(tmp_path, pair_dir, 256, 0)  # one tile covers the 232 x 200 raster
+    tiled, summary = run(tmp_path, pair_dir, size, overlap)
+    assert summary.n_tiles > 6
+    m = 8
+    a = whole[:, m:-m, m:-m].astype(int)
+    b = tiled[:, m:-m, m:-m].astype(int)
+    assert (a != det.NODATA).all() and (b != det.NODATA).all()
+    diff = np.abs(a - b)
+    assert diff.max() <= 2, f"max diff {diff.max()} / 254"
+    assert diff.mean() < 0.05
+    assert a.std() > 20  # the fake model is not trivially constant
+
+
+def test_tiles_without_blending_show_seams(tmp_path: Path) -> None:
+    """Control: cropping tiles without weights would differ from the whole prediction at tile edges."""
+    pair_dir = make_pair(tmp_path, invalid=False)
+    whole, _ = run(tmp_path, pair_dir, 256, 0)
+    hard, _ = run(tmp_path, pair_dir, 64, 0)  # no overlap: edge pixels see zero padding
+    assert np.abs(whole[:, 8:-8, 8:-8].astype(int) - hard[:, 8:-8, 8:-8]).max() > 5
+
+
+def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path)
+    probs, summary = run(tmp_path, pair_dir, 64, 16)
+    valid = np.load(pair_dir / "valid.npy")
+    assert (probs[:, ~valid] == det.NODATA).all()
+    assert (probs[:, valid] <= det.SCALE).all()
+    assert summary.out_path.exists() and summary.tiles_per_s > 0 and summary.km2_per_hour > 0
+    assert summary.device == "cpu"
+    with rasterio.open(summary.out_path) as ds:
+        assert ds.driver == "GTiff"
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.count == 2 and ds.dtypes == ("uint8", "uint8")
+        assert ds.descriptions == ("p_new", "p_removed")
+        assert ds.nodata == det.NODATA
+        assert ds.crs == CRS.from_user_input(CRS_CODE)
+        assert ds.transform == TRANSFORM
+        assert ds.overviews(1) and ds.overviews(2)
+        assert ds.profile["tiled"]
+        assert ds.tags()["month"] == "2026-03"
+    assert not list(tmp_path.glob(".*part*"))  # temporaries cleaned up
+
+
+def test_missing_tiles_come_out_as_nodata(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    pair = NpyPair(pair_dir)
+    tiles = make_grid(pair.width, pair.height, pair.transform, size=64, overlap=16)
+    kept = [t for t in tiles if t.row != 1]
+    index = write_tile_index(kept, CRS_CODE, tmp_path / "partial.parquet")
+    out = tmp_path / "partial.tif"
+    settings = DetectSettings(device="cpu", batch_size=2)
+    det.detect_pair(
+        pair_dir, index, out, settings, overlap=16, predictor=det.ModulePredictor(ConvNet()), opener=open_npy_pair
+    )
+    with rasterio.open(out) as ds:
+        probs = ds.read()
+    row1 = next(t for t in tiles if t.row == 1)
+    gap = slice(row1.row_off + 16, row1.row_off + row1.height - 16)  # rows only the dropped tiles covered
+    assert (probs[:, gap] == det.NODATA).all()
+    assert (probs[:, :32] != det.NODATA).all()
+
+
+def test_strip_blender_rejects_out_of_order_tiles() -> None:
+    blender = det.StripBlender(64, 600, lambda *a: None, block=64)
+    tiles = make_grid(64, 600, TRANSFORM, size=200, overlap=20)
+    ones = np.ones((2, 200, 64), np.float32)
+    blender.add(tiles[2], ones, np.ones((200, 64), bool), np.ones((200, 64), np.float32))
+    with pytest.raises(ValueError, match="above flushed row"):
+        blender.add(tiles[0], ones, np.ones((200, 64), bool), np.ones((200, 64), np.float32))
+
+
+def test_strip_blender_memory_is_bounded_by_the_strip() -> None:
+    height, width, size = 3000, 40, 128
+    seen: list[int] = []
+    blender = det.StripBlender(width, height, lambda r, p, ok: seen.append(r), block=64)
+    peak = 0
+    for tile in make_grid(width, height, TRANSFORM, size=size, overlap=32):
+        blender.add(
+            tile,
+            np.full((2, tile.height, tile.width), 0.5, np.float32),
+            np.ones((tile.height, tile.width), bool),
+            np.ones((tile.height, tile.width), np.float32),
+        )
+        peak = max(peak, blender.wsum.shape[0])
+    blender.close()
+    assert peak <= size + 64
+    assert seen[0] == 0 and seen == sorted(seen) and blender.top == height
+    assert all(r % 64 == 0 for r in seen)
+
+
+def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    settings = DetectSettings(method="cva", device="cpu", batch_size=4, cva_sample_tiles=8)
+    predictor = det.make_predictor(settings)
+    assert isinstance(predictor, det.CvaPredictor)
+    probs, _ = run(tmp_path, pair_dir, 64, 16, settings=settings, predictor=predictor)
+    assert predictor.threshold is not None and predictor.threshold > 0
+    inside = probs[0, 65:95, 125:175].astype(float)
+    outside = probs[0, 150:190, 30:100].astype(float)
+    assert inside.mean() > 200 and outside.mean() < 60
+
+
+def test_cva_needs_fit() -> None:
+    with pytest.raises(ModelError, match="fit"):
+        det.CvaPredictor()(np.zeros((1, 2, 3, 8, 8), np.float32))
+
+
+def test_module_predictor_checks_bands(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    with pytest.raises(ModelError, match="expects 4 bands but the pair has 3"):
+        run(tmp_path, pair_dir, 64, 16, predictor=det.ModulePredictor(ConvNet(), device="cpu", in_channels=4))
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"checkpoint not found; set detect.model"):
+        det.make_predictor(DetectSettings(model=tmp_path / "nope.pt"))
+
+
+def test_cuda_without_cuda_is_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert det.resolve_device("auto").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device.*--device cpu"):
+        det.resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown"):
+        det.resolve_device("tpu")
+    pair_dir = make_pair(tmp_path, invalid=False)
+    out = tmp_path / "never.tif"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        det.detect_pair(
+            pair_dir,
+            tile_index(tmp_path, pair_dir, 64, 16),
+            out,
+            DetectSettings(device="cuda"),
+            overlap=16,
+            predictor=det.ModulePredictor(ConvNet(), device="cuda"),
+            opener=open_npy_pair,
+        )
+    assert not out.exists()
+
+
+def test_crs_mismatch_between_index_and_pair(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    pair = NpyPair(pair_dir)
+    tiles = make_grid(pair.width, pair.height, pair.transform, size=64, overlap=16)
+    index = write_tile_index(tiles, "EPSG:32651", tmp_path / "other.parquet")
+    with pytest.raises(CRSMismatchError, match="rerun 'scarwatch tile'"):
+        det.detect_pair(
+            pair_dir,
+            index,
+            tmp_path / "x.tif",
+            DetectSettings(device="cpu"),
+            overlap=16,
+            predictor=det.ModulePredictor(ConvNet()),
+            opener=open_npy_pair,
+        )
+
+
+def test_bad_scheduler_address(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, invalid=False)
+    with pytest.raises(ConfigError, match="not a dask address"):
+        run(tmp_path, pair_dir, 64, 16, scheduler="localhost")
+
+
+def test_predictor_pickles_without_runtime_state() -> None:
+    import pickle
+
+    predictor = det.ModulePredictor(ConvNet(), device="cpu")
+    predictor.setup()
+    clone = pickle.loads(pickle.dumps(predictor))
+    assert clone._device is None
+    assert clone.setup() == "cpu"
+    x = np.random.default_rng(0).random((1, 2, 3, 16, 16), dtype=np.float32)
+    np.testing.assert_allclose(clone(x), predictor(x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_local_cluster_matches_single_process(tmp_path: Path) -> None:
+    import cloudpickle
+    from distributed import LocalCluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this test module
+    try:
+        pair_dir = make_pair(tmp_path)
+        local, _ = run(tmp_path, pair_dir, 64, 16)
+        with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
+            remote, summary = run(tmp_path, pair_dir, 64, 16, scheduler=cluster.scheduler_address)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert "dask" in summary.device and "cpu" in summary.device
+    assert np.abs(local.astype(int) - remote.astype(int)).max() <= 1
+    assert replace(summary, seconds=0).n_tiles == 20
+
+
+def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> None:
+    checkpoint = pytest.importorskip("pipeline.nets.checkpoint")
+    from pipeline.nets import create_model
+
+    torch.manual_seed(0)
+    path = checkpoint.save_checkpoint(tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3)
+    pair_dir = make_pair(tmp_path, height=120, width=136)
+    settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
+    predictor = det.make_predictor(settings)
+    assert isinstance(predictor, det.CheckpointPredictor)
+    probs, summary = run(tmp_path, pair_dir, 128, 16, settings=settings, predictor=predictor)
+    assert summary.device == "cpu" and summary.n_tiles == 2 and predictor.in_channels == 3
+    valid = np.load(pair_dir / "valid.npy")
+    assert (probs[:, ~valid] == det.NODATA).all() and (probs[:, valid] <= det.SCALE).all()
+    x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)
+    reference = checkpoint.ChangeModel.load(path).predict(x)
+    np.testing.assert_allclose(predictor(predictor.prepare(x)), reference, atol=1e-5)
