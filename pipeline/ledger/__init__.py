@@ -1,7 +1,8 @@
 """The scar ledger (台账): an append-only event log of cases, folded through the lifecycle.
 
 Public API: :func:`build_ledger` (the ``ledger`` stage), :func:`read_ledger` and :func:`fold_state`
-(for the map and the report), :class:`LedgerSummary`. Formats: docs/architecture.md.
+(for the map and the report), :func:`load_month_view` (the ledger and flags cut at a month, which the map
+and the report read), :class:`LedgerSummary`, :data:`ALERT_TEXT`. Formats: docs/architecture.md.
 
 Choices, in one place (details in the modules):
 
@@ -17,10 +18,12 @@ Choices, in one place (details in the modules):
 - Alerts are evaluated at the end of every month and repeat while they hold (``alerts.month``).
 """
 
-from pipeline.ledger.build import ALERT_TEXT, LedgerSummary, build_ledger, fold_state
+from pipeline.ledger.alerts import ALERT_TEXT
+from pipeline.ledger.build import LedgerSummary, build_ledger, fold_state
 from pipeline.ledger.events import EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, SOURCES
 from pipeline.ledger.lifecycle import STATES, TRANSITIONS, allowed_kinds
 from pipeline.ledger.store import read_ledger
+from pipeline.ledger.view import MonthView, load_month_view
 
 __all__ = [
     "ALERT_TEXT",
@@ -31,8 +34,10 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "LedgerSummary",
+    "MonthView",
     "allowed_kinds",
     "build_ledger",
     "fold_state",
+    "load_month_view",
     "read_ledger",
 ]

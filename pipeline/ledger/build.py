@@ -15,7 +15,7 @@ Processing order (the log order, ``seq``):
       ``SW-<YYYYMM>-<nnnn>`` numbered from 0001 in flag-id order (ids taken by seed cases are skipped);
    b. ``removed`` flags by ``flag_id``: ``observed_removed`` on every matching case;
    c. the month's field updates in row order; an illegal transition raises IllegalTransitionError.
-   d. Alerts are evaluated at the end of the month (see :data:`ALERT_TEXT`).
+   d. Alerts are evaluated at the end of the month (see :mod:`pipeline.ledger.alerts`).
 
 Everything is read and checked first and the ledger is built in memory; it is written only when all of
 it succeeded, atomically, so an error leaves the previous ledger as it was.
@@ -37,6 +37,8 @@ from shapely.geometry.base import BaseGeometry
 
 from pipeline.config import LedgerSettings, check_month
 from pipeline.errors import ConfigError, LedgerError, MissingInputError
+from pipeline.ledger.alerts import ALERT_COLUMNS, month_alerts
+from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
 from pipeline.ledger.events import (
     CATEGORIES,
     FOOTPRINT_KINDS,
@@ -44,11 +46,9 @@ from pipeline.ledger.events import (
     Event,
     events_frame,
     imagery_date,
-    month_end,
-    month_index,
     parse_date,
 )
-from pipeline.ledger.lifecycle import OPEN_STATES, STATES, STOP_STATES, fold_kinds, next_state, seed_path
+from pipeline.ledger.lifecycle import STATES, STOP_STATES, fold_kinds, next_state, seed_path
 from pipeline.ledger.matching import FootprintIndex, find_permit
 from pipeline.ledger.store import (
     FieldUpdate,
@@ -79,40 +79,6 @@ CASE_COLUMNS: tuple[str, ...] = (
     "first_month",
     "permit_id",
 )
-ALERT_COLUMNS: tuple[str, ...] = ("case_id", "kind", "month", "message_zh", "message_en")
-
-ALERT_TEXT: dict[str, tuple[str, str]] = {
-    "overdue": (
-        "限期拆除已逾期（期限 {deadline}），尚未拆除",
-        "Demolition deadline {deadline} has passed; not demolished",
-    ),
-    "rebuild": ("已拆除点位出现反弹（重新搭建）", "Rebuild (反弹) at a demolished site"),
-    "expansion_after_stop": ("责令停止后仍在扩建", "Expansion after a stop order"),
-    "unrepaired_scar": ("拆除后 {months} 个月仍未修复", "Scar not repaired {months} months after demolition"),
-    "demolition_unverified": (
-        "现场上报已拆除，但影像仍见建筑，请核查",
-        "Demolition reported in the field, but imagery still shows the structure; verify on site",
-    ),
-    "removal_unrecorded": (
-        "影像显示已拆除，但台账无拆除记录，请核实",
-        "Imagery shows the structure removed, but no demolition is recorded; verify and record it",
-    ),
-}
-"""Alert kind → (Chinese, English) message templates.
-
-Alerts are evaluated at the end of every processed month and repeat each month while they hold:
-
-* ``overdue``: state ``ordered`` and its deadline is before the month's last day;
-* ``rebuild``: a ``rebuilt`` observation not yet followed by any lifecycle event or removal;
-* ``expansion_after_stop``: an ``expanded`` observation made while ``stopped``/``ordered``, not yet
-  followed by a lifecycle event or removal;
-* ``unrepaired_scar``: still ``demolished`` more than ``repair_grace_months`` months after the month
-  of the demolition;
-* ``demolition_unverified``: demolished in the field (state demolished or repaired), a later month's
-  imagery has been processed, and imagery has not seen the structure removed;
-* ``removal_unrecorded``: imagery saw the structure removed while the case is still open
-  (warning … ordered).
-"""
 
 
 @dataclass(frozen=True)
@@ -408,44 +374,13 @@ class _Builder:
 
     # -- alerts -------------------------------------------------------------------------------------
     def evaluate_alerts(self, month: str) -> None:
-        """Append the alerts that hold at the end of ``month``."""
-        end = month_end(month).isoformat()
-        grace = self.settings.repair_grace_months
-        for case_id in sorted(self.cases):
-            c = self.cases[case_id]
-            found: list[tuple[str, dict[str, object]]] = []
-            if c.state == "ordered" and c.deadline and c.deadline < end:
-                found.append(("overdue", {"deadline": c.deadline}))
-            if c.rebuild_pending:
-                found.append(("rebuild", {}))
-            if c.expansion_pending:
-                found.append(("expansion_after_stop", {}))
-            if c.state == "demolished" and c.demolished_month:
-                waited = month_index(month) - month_index(c.demolished_month)
-                if waited > grace:
-                    found.append(("unrepaired_scar", {"months": waited}))
-            if (
-                c.state in ("demolished", "repaired")
-                and c.demolished_by_field
-                and not c.removed_seen
-                and not c.rebuild_pending
-                and self.last_imagery_month > c.demolished_month
-            ):
-                found.append(("demolition_unverified", {}))
-            if c.state in OPEN_STATES and c.removed_seen:
-                found.append(("removal_unrecorded", {}))
-            for kind, values in found:
-                zh, en = ALERT_TEXT[kind]
-                self.alerts.append(
-                    {
-                        "case_id": case_id,
-                        "kind": kind,
-                        "month": month,
-                        "message_zh": zh.format(**values),
-                        "message_en": en.format(**values),
-                        "geometry": c.footprint,
-                    }
-                )
+        """Append the alerts that hold at the end of ``month`` (the rules: :mod:`pipeline.ledger.alerts`)."""
+        self.alerts += month_alerts(
+            self.cases,
+            month,
+            repair_grace_months=self.settings.repair_grace_months,
+            last_imagery_month=self.last_imagery_month,
+        )
 
     # -- output -------------------------------------------------------------------------------------
     def frames(self, crs: CRS) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, gpd.GeoDataFrame]:

@@ -1,0 +1,286 @@
+"""The inspector map's GeoJSON layers: flags, cases and alerts with bilingual popups, and their vocabulary.
+
+Each ``*_features`` function turns a :class:`~pipeline.ledger.view.MonthView` into a FeatureCollection in
+EPSG:4326 (the folium boundary) whose features carry a colour and a popup rendered by the macros of
+``templates/map_popup.html.j2``. The Chinese names and colours of states, event kinds, flags and alerts
+live here; the monthly report uses the same names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import geopandas as gpd
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from pipeline.ledger.view import SQM_PER_MU, MonthView
+
+STATES: tuple[str, ...] = (
+    "warning",
+    "confirmed",
+    "stopped",
+    "ordered",
+    "demolished",
+    "repaired",
+    "closed",
+    "dismissed",
+)
+STATE_ZH: dict[str, str] = {
+    "warning": "预警",
+    "confirmed": "已发现",
+    "stopped": "已制止",
+    "ordered": "处置中",
+    "demolished": "已拆除",
+    "repaired": "已修复",
+    "closed": "已销号",
+    "dismissed": "已排除",
+}
+STATE_COLORS: dict[str, str] = {
+    "warning": "#e31a1c",
+    "confirmed": "#fd8d3c",
+    "stopped": "#fecc5c",
+    "ordered": "#c51b8a",
+    "demolished": "#6a51a3",
+    "repaired": "#41ab5d",
+    "closed": "#1a9850",
+    "dismissed": "#969696",
+}
+KIND_ZH: dict[str, str] = {
+    "flagged": "预警",
+    "confirmed": "确认",
+    "dismissed": "排除",
+    "stopped": "制止",
+    "ordered": "限期处置",
+    "demolished": "拆除",
+    "repaired": "修复",
+    "closed": "销号",
+    "observed_present": "影像可见",
+    "observed_removed": "影像已拆除",
+    "expanded": "扩建",
+    "rebuilt": "反弹重建",
+}
+FLAG_ZH: dict[str, str] = {"new": "新增", "removed": "消失"}
+FLAG_COLORS: dict[str, str] = {"new": "#d7191c", "removed": "#2c7bb6"}
+CATEGORY_ZH: dict[str, str] = {"illegal_construction": "违法建设", "scar": "城市疮疤"}
+ALERT_ZH: dict[str, str] = {
+    "overdue": "逾期未拆除",
+    "rebuild": "反弹",
+    "expansion_after_stop": "制止后扩建",
+    "unrepaired_scar": "疮疤未修复",
+    "demolition_unverified": "拆除未经影像核实",
+    "removal_unrecorded": "影像已拆除但未登记",
+}
+"""Short Chinese names of the ledger's alert kinds (``pipeline.ledger.ALERT_TEXT`` holds the messages)."""
+ALERT_COLOR = "#ff7f00"
+
+
+@lru_cache(maxsize=1)
+def _templates() -> Environment:
+    return Environment(
+        loader=PackageLoader("pipeline", "templates"),
+        autoescape=select_autoescape(["html", "html.j2"]),
+        trim_blocks=False,
+    )
+
+
+def _macro(name: str) -> Any:
+    return getattr(_templates().get_template("map_popup.html.j2").module, name)
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def _fmt(value: Any, digits: int) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "" if value is None else str(value)
+    return "" if math.isnan(number) else f"{number:,.{digits}f}"
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _history(events: pd.DataFrame) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for row in events.itertuples(index=False):
+        rec = {
+            "at": _text(row.at)[:10],
+            "kind": _text(row.kind),
+            "kind_zh": KIND_ZH.get(_text(row.kind), ""),
+            "source": _text(getattr(row, "source", "")),
+            "actor": _text(getattr(row, "actor", "")),
+        }
+        out.setdefault(_text(row.case_id), []).append(rec)
+    return out
+
+
+def _grid_units(frame: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None) -> list[str]:
+    """The 网格 cell and responsible unit under each feature's representative point."""
+    if grid is None or not len(grid) or not len(frame):
+        return [""] * len(frame)
+    points = gpd.GeoDataFrame(geometry=frame.geometry.representative_point(), crs=frame.crs)
+    joined = gpd.sjoin(points, grid[["cell_id", "unit", "geometry"]], how="left", predicate="within")
+    joined = joined[~joined.index.duplicated(keep="first")]
+    labels = [
+        " / ".join(p for p in (_text(c), _text(u)) if p) for c, u in zip(joined["cell_id"], joined["unit"], strict=True)
+    ]
+    return labels
+
+
+def match_flags_to_cases(flags: gpd.GeoDataFrame, view: MonthView) -> list[str]:
+    """The case each flag belongs to: named in an event's ``evidence``, else the most overlapped case."""
+    by_evidence: dict[str, str] = {}
+    if "evidence" in view.events.columns:
+        wanted = set(flags["flag_id"].astype(str))
+        for text, case_id in zip(view.events["evidence"].astype(str), view.events["case_id"], strict=True):
+            for token in re.findall(r"[\w.:-]+", text):
+                if token in wanted:
+                    by_evidence[token] = str(case_id)  # events are sorted: the latest wins
+    out = []
+    cases = view.cases
+    sindex = cases.sindex if len(cases) else None
+    for flag_id, geom in zip(flags["flag_id"].astype(str), flags.geometry, strict=True):
+        if flag_id in by_evidence:
+            out.append(by_evidence[flag_id])
+            continue
+        best, best_area = "", 0.0
+        if sindex is not None and geom is not None:
+            for i in sindex.query(geom, predicate="intersects"):
+                area = geom.intersection(cases.geometry.iloc[i]).area
+                if area > best_area:
+                    best, best_area = str(cases["case_id"].iloc[i]), area
+        out.append(best)
+    return out
+
+
+def _feature_collection(frame: gpd.GeoDataFrame, props: list[dict[str, Any]]) -> dict[str, Any]:
+    """GeoJSON in EPSG:4326 (the folium boundary) with only the given properties."""
+    geo = frame.geometry.to_crs(4326)
+    features = []
+    for i, (geom, p) in enumerate(zip(geo, props, strict=True)):
+        if geom is None or geom.is_empty:
+            continue
+        features.append({"type": "Feature", "id": str(i), "properties": p, "geometry": geom.__geo_interface__})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def flag_features(
+    view: MonthView,
+    flags: gpd.GeoDataFrame,
+    grid: gpd.GeoDataFrame | None,
+    chips: Mapping[str, tuple[str, str]],
+    prev_label: str = "",
+) -> dict[str, Any]:
+    """The flags as GeoJSON with a bilingual popup per feature."""
+    case_of = match_flags_to_cases(flags, view)
+    states = dict(zip(view.cases["case_id"].astype(str), view.cases["state_at"], strict=True))
+    history = _history(view.events)
+    units = _grid_units(flags, grid)
+    macro = _macro("flag_popup")
+    props = []
+    for row, case_id, unit in zip(flags.itertuples(index=False), case_of, units, strict=True):
+        kind = _text(row.kind)
+        flag_id = _text(row.flag_id)
+        state = states.get(case_id, "")
+        prev_chip, curr_chip = chips.get(flag_id, ("", ""))
+        popup = macro(
+            {
+                "flag_id": flag_id,
+                "kind": kind,
+                "kind_zh": FLAG_ZH.get(kind, ""),
+                "color": FLAG_COLORS.get(kind, "#000"),
+                "area_m2": _fmt(row.area_m2, 1),
+                "area_mu": _fmt(row.area_mu, 3),
+                "p_mean": _fmt(row.p_mean, 2),
+                "p_max": _fmt(row.p_max, 2),
+                "district": _text(row.district),
+                "street": _text(row.street),
+                "grid": unit,
+                "case_id": case_id,
+                "state": state,
+                "state_zh": STATE_ZH.get(state, ""),
+                "chip_prev": prev_chip,
+                "chip_curr": curr_chip,
+                "prev_label": prev_label,
+                "month": view.month,
+                "events": history.get(case_id, []),
+            }
+        )
+        props.append(
+            {
+                "flag_id": flag_id,
+                "kind": kind,
+                "case_id": case_id,
+                "color": FLAG_COLORS.get(kind, "#000"),
+                "popup": str(popup),
+            }
+        )
+    return _feature_collection(flags, props)
+
+
+def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, Any]:
+    """The cases as GeoJSON, coloured by their state as of the month, with event history popups."""
+    history = _history(view.events)
+    units = _grid_units(view.cases, grid)
+    macro = _macro("case_popup")
+    props = []
+    for row, unit in zip(view.cases.itertuples(index=False), units, strict=True):
+        case_id, state, category = _text(row.case_id), _text(row.state_at), _text(row.category)
+        popup = macro(
+            {
+                "case_id": case_id,
+                "state": state,
+                "state_zh": STATE_ZH.get(state, ""),
+                "color": STATE_COLORS.get(state, "#000"),
+                "category": category,
+                "category_zh": CATEGORY_ZH.get(category, ""),
+                "area_m2": _fmt(row.area_m2, 1),
+                "area_mu": _fmt(float(row.area_m2) / SQM_PER_MU, 3),
+                "district": _text(row.district),
+                "street": _text(row.street),
+                "grid": unit,
+                "opened_at": _text(row.opened_at)[:10],
+                "deadline": _text(row.deadline)[:10],
+                "events": history.get(case_id, []),
+            }
+        )
+        props.append(
+            {"case_id": case_id, "state": state, "color": STATE_COLORS.get(state, "#000"), "popup": str(popup)}
+        )
+    return _feature_collection(view.cases, props)
+
+
+def alert_features(view: MonthView) -> dict[str, Any]:
+    """The month's alerts as points (representative point of each alert's geometry)."""
+    macro = _macro("alert_popup")
+    props = []
+    for row in view.alerts.itertuples(index=False):
+        kind = _text(row.kind)
+        props.append(
+            {
+                "case_id": _text(row.case_id),
+                "kind": kind,
+                "popup": str(
+                    macro(
+                        {
+                            "case_id": _text(row.case_id),
+                            "kind": kind,
+                            "kind_zh": ALERT_ZH.get(kind, ""),
+                            "message_zh": _text(row.message_zh),
+                            "message_en": _text(row.message_en),
+                        }
+                    )
+                ),
+            }
+        )
+    points = view.alerts.set_geometry(view.alerts.geometry.representative_point())
+    return _feature_collection(points, props)
