@@ -145,6 +145,7 @@ class LedgerSettings(_Section):
     match_distance_m: float = Field(5.0, ge=0)
     expand_ratio: float = Field(0.2, ge=0)
     repair_grace_months: int = Field(2, ge=0)
+    field_radius_m: float = Field(3.0, gt=0)  # footprint of a case an inspector opened at a point
 
 
 class MapSettings(_Section):

@@ -295,9 +295,32 @@ def test_field_update_by_location(tmp_path: Path) -> None:
 )
 def test_field_update_location_must_be_unique(tmp_path: Path, x: float, y: float, match: str) -> None:
     write_flags(tmp_path / "flags", "2026-02", [("f1", "new", sq(0, 0)), ("f2", "new", sq(18, 0))])
-    write_updates(tmp_path / "raw", "2026-02", [{"at": "2026-02-10", "kind": "confirmed", "x": x, "y": y}])
+    write_updates(tmp_path / "raw", "2026-02", [{"at": "2026-02-10", "kind": "stopped", "x": x, "y": y}])
     with pytest.raises(LedgerError, match=match):
         run(tmp_path, ["2026-02"])
+
+
+def test_inspector_opens_a_case_imagery_missed_and_imagery_confirms_it_later(tmp_path: Path) -> None:
+    # Imagery flags nothing in 2026-02; the inspector finds a structure at (X0+300, Y0+300), confirms it
+    # and stops it. In 2026-03 imagery flags a 10x10 m structure there: evidence on the same case, not an
+    # "expansion after stop" (the field case's disc was only provisional).
+    write_flags(tmp_path / "flags", "2026-02", [])
+    write_flags(tmp_path / "flags", "2026-03", [("f9", "new", sq(296, 296))])
+    at = {"x": X0 + 300, "y": Y0 + 300}
+    write_updates(
+        tmp_path / "raw",
+        "2026-02",
+        [{"at": "2026-02-10", "kind": "confirmed", **at}, {"at": "2026-02-12", "kind": "stopped", **at}],
+    )
+    events, cases, alerts = read_ledger(run(tmp_path, ["2026-02", "2026-03"]))
+    assert list(cases["case_id"]) == ["SW-202602-F001"]
+    case = cases.iloc[0]
+    assert case["state"] == "stopped"
+    assert case["area_m2"] == pytest.approx(100.0, rel=0.02)  # the imagery footprint replaced the disc
+    kinds = list(events.sort_values("seq")["kind"])
+    assert kinds == ["flagged", "confirmed", "stopped", "observed_present"]
+    assert list(events.sort_values("seq")["source"]) == ["field", "field", "field", "imagery"]
+    assert "expansion_after_stop" not in set(alerts["kind"])
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from pipeline.ledger.alerts import ALERT_COLUMNS, month_alerts
 from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
 from pipeline.ledger.events import (
     CATEGORIES,
+    FIELD_OPENING_KINDS,
     FOOTPRINT_KINDS,
     LIFECYCLE_KINDS,
     Event,
@@ -115,6 +116,7 @@ class _Case:
     expansion_pending: bool = False
     demolished_month: str = ""
     demolished_by_field: bool = False
+    provisional: bool = False  # footprint is a disc around an inspector's point, not yet seen in imagery
 
 
 def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
@@ -167,7 +169,11 @@ class _Builder:
             case.rebuild_pending = case.expansion_pending = False
         if kind in FOOTPRINT_KINDS:
             assert geometry is not None  # imagery events always carry the flag polygon
-            case.footprint = geometry if case.footprint is None else shapely.union(case.footprint, geometry)
+            if case.footprint is None or case.provisional:
+                case.footprint = geometry
+                case.provisional = source == "field"
+            else:
+                case.footprint = shapely.union(case.footprint, geometry)
             case.removed_seen = False
         geom = geometry if geometry is not None else case.footprint
         assert geom is not None and case.state is not None  # the first event of a case is 'flagged'
@@ -200,7 +206,9 @@ class _Builder:
         )
         self.events.append(event)
         footprint = case.footprint if case.footprint is not None else geom
-        self.index.put(case.case_id, footprint, case.state, removed_seen=case.removed_seen)
+        self.index.put(
+            case.case_id, footprint, case.state, removed_seen=case.removed_seen, provisional=case.provisional
+        )
         return event
 
     def _area_of(self, geom: BaseGeometry) -> tuple[str, str]:
@@ -348,17 +356,20 @@ class _Builder:
             else:
                 assert u.x is not None and u.y is not None  # read_field_updates guarantees one of the two
                 hits = self.index.locate(u.x, u.y, d)
-                if not hits:
-                    raise LedgerError(
-                        f"{u.where}: no case lies within {d:g} m of x={u.x:.2f}, y={u.y:.2f}; "
-                        "give case_id or fix the coordinates"
-                    )
                 if len(hits) > 1:
                     raise LedgerError(
                         f"{u.where}: x={u.x:.2f}, y={u.y:.2f} is ambiguous: cases {', '.join(hits)} lie within "
                         f"{d:g} m; give case_id"
                     )
-                case = self.cases[hits[0]]
+                if hits:
+                    case = self.cases[hits[0]]
+                elif u.kind in FIELD_OPENING_KINDS:
+                    case = self._open_field_case(u)
+                else:
+                    raise LedgerError(
+                        f"{u.where}: no case lies within {d:g} m of x={u.x:.2f}, y={u.y:.2f}; give case_id, "
+                        f"fix the coordinates, or first report 'confirmed' there to open a case found in the field"
+                    )
             self.append(
                 case,
                 u.kind,
@@ -371,6 +382,35 @@ class _Builder:
                 note=u.note,
                 where=f"{u.where}: ",
             )
+
+    def _open_field_case(self, u: FieldUpdate) -> _Case:
+        """Open a case an inspector found in the field (发现) where imagery flagged nothing.
+
+        Its footprint is a disc of ``ledger.field_radius_m`` around the point until imagery sees it.
+        """
+        assert u.x is not None and u.y is not None
+        tag = u.month.replace("-", "")
+        number = 1 + sum(1 for c in self.cases if c.startswith(f"SW-{tag}-F"))
+        case_id = f"SW-{tag}-F{number:03d}"
+        geom = shapely.Point(u.x, u.y).buffer(self.settings.field_radius_m)
+        district, street = self._area_of(geom)
+        case = _Case(case_id, "illegal_construction", u.at, u.month, district, street)
+        self.cases[case_id] = case
+        self.append(
+            case,
+            "flagged",
+            source="field",
+            at=u.at,
+            actor=u.actor,
+            evidence=u.evidence,
+            month=u.month,
+            geometry=geom,
+            category="illegal_construction",
+            note="现场发现 found in the field",
+        )
+        self.new_by_month[u.month] += 1
+        log.info("%s: no case at x=%.2f, y=%.2f; opened field case %s", u.where, u.x, u.y, case_id)
+        return case
 
     # -- alerts -------------------------------------------------------------------------------------
     def evaluate_alerts(self, month: str) -> None:

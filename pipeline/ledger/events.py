@@ -50,6 +50,9 @@ OBSERVATION_KINDS: Final[tuple[str, ...]] = ("observed_present", "observed_remov
 EVENT_KINDS: Final[tuple[str, ...]] = LIFECYCLE_KINDS + OBSERVATION_KINDS
 
 FIELD_KINDS: Final[tuple[str, ...]] = tuple(k for k in LIFECYCLE_KINDS if k != "flagged")
+# Field updates that may open a case at a point where the ledger has none: an inspector who finds
+# construction imagery missed confirms it (发现) or dismisses it (e.g. permitted); other kinds need a case.
+FIELD_OPENING_KINDS: Final[frozenset[str]] = frozenset({"confirmed", "dismissed"})
 """Kinds an inspector's field update may carry (cases are opened by imagery or the seed ledger)."""
 
 FOOTPRINT_KINDS: Final[frozenset[str]] = frozenset({"flagged", "observed_present", "expanded", "rebuilt"})

@@ -18,6 +18,9 @@ Rules (``d`` is ``ledger.match_distance_m``; distances are between polygons, 0 w
   bounds are open). A flag that sticks out of the permit by more than ``d`` is not permitted.
 * An inspector's point (``x``, ``y``) selects the case whose footprint contains it when exactly one
   does; otherwise the cases within ``d`` of it, which must be exactly one.
+* A case an inspector opened in the field has a *provisional* footprint (a small disc around the
+  point). The first ``new`` flag on it is ``observed_present`` and replaces that footprint, so it is
+  never mistaken for an expansion.
 """
 
 from __future__ import annotations
@@ -57,13 +60,26 @@ class FootprintIndex:
         self._geoms: list[BaseGeometry] = []
         self._states: list[str] = []
         self._removed_seen: list[bool] = []
+        self._provisional: list[bool] = []
         self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def put(self, case_id: str, footprint: BaseGeometry, state: str, *, removed_seen: bool = False) -> None:
-        """Add a case or update its footprint, state and whether imagery last saw it removed."""
+    def put(
+        self,
+        case_id: str,
+        footprint: BaseGeometry,
+        state: str,
+        *,
+        removed_seen: bool = False,
+        provisional: bool = False,
+    ) -> None:
+        """Add a case or update its footprint, state and flags.
+
+        ``removed_seen``: imagery last saw it removed; ``provisional``: the footprint is only the disc
+        around an inspector's point.
+        """
         i = self._pos.get(case_id)
         if i is None:
             self._pos[case_id] = len(self._ids)
@@ -71,10 +87,12 @@ class FootprintIndex:
             self._geoms.append(footprint)
             self._states.append(state)
             self._removed_seen.append(removed_seen)
+            self._provisional.append(provisional)
         else:
             self._geoms[i] = footprint
             self._states[i] = state
             self._removed_seen[i] = removed_seen
+            self._provisional[i] = provisional
         self._array = None
 
     def footprint(self, case_id: str) -> BaseGeometry:
@@ -110,6 +128,8 @@ class FootprintIndex:
         case_id, state, footprint = self._ids[i], self._states[i], self._geoms[i]
         if state in REMOVED_STATES or self._removed_seen[i]:
             return Observation(case_id, "rebuilt")
+        if self._provisional[i]:
+            return Observation(case_id, "observed_present")
         if is_expansion(footprint, flag, expand_ratio):
             return Observation(case_id, "expanded")
         return Observation(case_id, "observed_present")
