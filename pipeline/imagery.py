@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -404,7 +405,7 @@ class AlignedPair:
     """
 
     def __init__(self, meta: dict[str, Any], out_dir: Path | None = None) -> None:
-        self._meta = meta
+        self._meta = _absolute_sheet_paths(meta, out_dir)
         self.out_dir = out_dir
         self.crs = CRS.from_wkt(meta["crs"])
         self.transform = Affine(*meta["transform"][:6])
@@ -580,12 +581,15 @@ def _valid_pass(pair: AlignedPair, tmp: Path) -> tuple[int, int, int]:
     return counts[0], counts[1], counts[2]
 
 
-def _sheet_meta(epoch: _Epoch, boxes: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+def _sheet_meta(epoch: _Epoch, boxes: list[tuple[float, float, float, float]], base: Path) -> dict[str, Any]:
+    # Paths relative to the pair's folder: a checkout moved or cloned elsewhere (or a DVC cache restored
+    # into it) still finds its sheets.
+    base = base.resolve()
     return {
-        "folder": str(epoch.folder.resolve()),
+        "folder": os.path.relpath(epoch.folder.resolve(), base),
         "sheets": [
             {
-                "path": str(s.path.resolve()),
+                "path": os.path.relpath(s.path.resolve(), base),
                 "crs": s.crs.to_wkt(),
                 "transform": list(s.transform)[:6],
                 "bounds": list(b),
@@ -594,6 +598,18 @@ def _sheet_meta(epoch: _Epoch, boxes: list[tuple[float, float, float, float]]) -
             for s, b in zip(epoch.sheets, boxes, strict=True)
         ],
     }
+
+
+def _absolute_sheet_paths(meta: dict[str, Any], out_dir: Path | None) -> dict[str, Any]:
+    """A copy of ``meta`` whose sheet paths (stored relative to the pair's folder) are absolute."""
+    if out_dir is None:
+        return meta
+    base = Path(out_dir).resolve()
+    epochs = {
+        role: {**ep, "sheets": [{**sh, "path": os.path.normpath(base / sh["path"])} for sh in ep["sheets"]]}
+        for role, ep in meta["epochs"].items()
+    }
+    return {**meta, "epochs": epochs}
 
 
 def gdal_env(**options: Any) -> rasterio.Env:
@@ -662,10 +678,13 @@ def _align(
         "resampling": settings.resampling,
         "shift_px": [0.0, 0.0],
         "luts": None,
-        "epochs": {"prev": _sheet_meta(prev_ep, boxes["prev"]), "curr": _sheet_meta(curr_ep, boxes["curr"])},
+        "epochs": {
+            "prev": _sheet_meta(prev_ep, boxes["prev"], out_dir),
+            "curr": _sheet_meta(curr_ep, boxes["curr"], out_dir),
+        },
     }
     windows = coregister.sample_windows(width, height, per_axis=SAMPLE_BLOCKS)
-    with AlignedPair(meta) as raw_pair:
+    with AlignedPair(_absolute_sheet_paths(meta, out_dir)) as raw_pair:
         before, samples = coregister.measure_blocks(raw_pair.read, windows, max_shift_px=settings.max_shift_px)
     shift = coregister.robust_shift(before) if settings.coregister else None
     if settings.coregister and shift is None:
@@ -673,7 +692,7 @@ def _align(
     after = before
     if shift is not None:
         meta["shift_px"] = [round(shift[0], 4), round(shift[1], 4)]
-        with AlignedPair(meta) as shifted:
+        with AlignedPair(_absolute_sheet_paths(meta, out_dir)) as shifted:
             after, samples = coregister.measure_blocks(shifted.read, windows, max_shift_px=settings.max_shift_px)
         log.info("co-registration shift applied to prev: dx=%.3f dy=%.3f px", *meta["shift_px"])
     if settings.normalize and samples:
@@ -684,7 +703,7 @@ def _align(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        with AlignedPair(meta) as pair:
+        with AlignedPair(_absolute_sheet_paths(meta, out_dir)) as pair:
             n_prev, n_curr, n_both = _valid_pass(pair, tmp)
         for n, ep in ((n_prev, prev_ep), (n_curr, curr_ep)):
             if n == 0:

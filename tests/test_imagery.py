@@ -77,6 +77,18 @@ def test_grid_mosaic_and_exact_values(tmp_path: Path, scene: np.ndarray) -> None
     np.testing.assert_allclose(images[0], expected, atol=1e-6)
 
 
+def test_moved_checkout_still_reads_its_pair(tmp_path: Path, scene: np.ndarray) -> None:
+    # pair.json keeps sheet paths relative to the pair, so a project moved (or cloned) elsewhere still works.
+    _two_sheets(tmp_path / "a" / "curr", scene[:, :256, :256])
+    _two_sheets(tmp_path / "a" / "prev", scene[:, :256, :256])
+    _align(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    with AlignedPair.open(tmp_path / "b" / "out") as pair:
+        images, valid = pair.read(Window(0, 0, 64, 64))
+    assert valid.all()
+    np.testing.assert_allclose(images[1], scene[:, :64, :64].astype(np.float32) / 255, atol=1e-6)
+
+
 def test_target_crs_and_resolution_params(tmp_path: Path, scene: np.ndarray) -> None:
     write_tif(tmp_path / "curr" / "c.tif", scene[:, :400, :400])
     write_tif(tmp_path / "prev" / "p.tif", scene[:, :400, :400])
