@@ -46,10 +46,13 @@ def stage(func: F) -> F:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> None:
+        from pipeline.imagery import gdal_env  # bounded GDAL block cache for every stage that reads rasters
+
         start = time.perf_counter()
         try:
             settings = load_settings(ctx.obj["params"])
-            message = func(settings, *args, **kwargs)
+            with gdal_env():
+                message = func(settings, *args, **kwargs)
         except ScarWatchError as exc:
             click.echo(f"scarwatch {ctx.info_name}: error: {' '.join(str(exc).split())}", err=True)
             sys.exit(EXIT_USAGE)

@@ -1,0 +1,85 @@
+"""Bad imagery deliveries through the real `scarwatch align` command: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from affine import Affine
+
+from tests.conftest import textured, write_tif
+
+T = Affine(0.5, 0, 500000.0, 0, -0.5, 4862000.0)
+FAR = Affine(0.5, 0, 600000.0, 0, -0.5, 4962000.0)
+
+
+def _good(folder: Path) -> None:
+    write_tif(folder / "s.tif", textured((128, 128), seed=1), transform=T)
+
+
+def _no_crs(folder: Path) -> None:
+    write_tif(folder / "s.tif", textured((128, 128)), crs=None, transform=T)
+
+
+def _corrupt(folder: Path) -> None:
+    _good(folder)
+    data = (folder / "s.tif").read_bytes()
+    (folder / "s.tif").write_bytes(data[: len(data) // 3])
+
+
+def _five_bands(folder: Path) -> None:
+    write_tif(folder / "s.tif", textured((128, 128), bands=5), transform=T)
+
+
+def _far_away(folder: Path) -> None:
+    write_tif(folder / "s.tif", textured((128, 128)), transform=FAR)
+
+
+def _uint16(folder: Path) -> None:
+    write_tif(folder / "s.tif", textured((128, 128)).astype(np.uint16) * 40, transform=T)
+
+
+def _all_nodata(folder: Path) -> None:
+    write_tif(folder / "s.tif", np.zeros((3, 128, 128), np.uint8), transform=T, nodata=0)
+
+
+def _empty(folder: Path) -> None:
+    folder.mkdir(parents=True)
+
+
+CASES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("missing CRS", _no_crs, r"s\.tif: .*CRS"),
+    ("corrupt file", _corrupt, r"s\.tif: "),
+    ("band count", _five_bands, r"3 band\(s\) uint8 but the current epoch .* has 5 uint8"),
+    ("no overlap", _far_away, r"overlap"),
+    ("16-bit without scaling", _uint16, r"scale16"),
+    ("all nodata", _all_nodata, r"nodata"),
+    ("empty folder", _empty, r"2026-02"),
+]
+
+
+@pytest.mark.parametrize(("name", "make_curr", "pattern"), CASES, ids=[c[0] for c in CASES])
+def test_bad_delivery_is_one_line_exit_2_and_writes_nothing(tmp_path, name, make_curr, pattern):
+    raw = tmp_path / "raw"
+    _good(raw / "imagery" / "2026-01")
+    make_curr(raw / "imagery" / "2026-02")
+    (tmp_path / "params.yaml").write_text(
+        f'paths:\n  raw: {raw}\n  interim: {tmp_path / "interim"}\nmonths:\n  "2026-02": {{prev: "2026-01"}}\n'
+    )
+    exe = Path(sys.executable).with_name("scarwatch")
+    proc = subprocess.run(
+        [str(exe), "align", "--month", "2026-02"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("scarwatch align: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "interim" / "aligned" / "2026-02").exists()
+    leftovers = list((tmp_path / "interim").rglob("*")) if (tmp_path / "interim").exists() else []
+    assert [p for p in leftovers if p.is_file()] == []
