@@ -47,6 +47,7 @@ from pipeline.errors import (
     MissingInputError,
     NoOverlapError,
 )
+from pipeline.fileio import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -729,14 +730,7 @@ def _align(
         residual = qa["residual_after_median_px"] if settings.coregister else qa["residual_before_median_px"]
         (tmp / "pair.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         (tmp / "qa.json").write_text(json.dumps(qa, indent=1), encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = AlignSummary(

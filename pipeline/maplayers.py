@@ -20,16 +20,6 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from pipeline.ledger.view import SQM_PER_MU, MonthView
 
-STATES: tuple[str, ...] = (
-    "warning",
-    "confirmed",
-    "stopped",
-    "ordered",
-    "demolished",
-    "repaired",
-    "closed",
-    "dismissed",
-)
 STATE_ZH: dict[str, str] = {
     "warning": "预警",
     "confirmed": "已发现",

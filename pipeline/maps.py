@@ -31,6 +31,7 @@ import pandas as pd
 
 from pipeline.config import MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
+from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import (
     EVENT_TO_STATE,
     SQM_PER_MU,
@@ -50,7 +51,6 @@ from pipeline.maplayers import (
     KIND_ZH,
     STATE_COLORS,
     STATE_ZH,
-    STATES,
     _feature_collection,
     _macro,
     _text,

@@ -28,9 +28,7 @@ pytestmark = pytest.mark.slow
 
 def _dvc(workdir: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [str(BIN / "dvc"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1500
-    )
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -69,7 +67,9 @@ def first_run(project: Path) -> str:
 
 def test_repro_runs_every_stage_end_to_end(project: Path, first_run: str):
     ran = _ran(first_run)
-    expected = {"demo", "ledger"} | {f"{s}@{m}" for s in ["align", "tile", "detect", "vectorize", "map", "report"] for m in MONTHS}
+    expected = {"demo", "ledger"} | {
+        f"{s}@{m}" for s in ["align", "tile", "detect", "vectorize", "map", "report"] for m in MONTHS
+    }
     assert expected <= ran
     for month in MONTHS:
         assert (project / "reports" / "maps" / f"{month}.html").stat().st_size > 10_000

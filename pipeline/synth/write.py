@@ -27,6 +27,7 @@ from shapely.geometry import box
 
 from pipeline.config import DemoSettings
 from pipeline.errors import ConfigError
+from pipeline.fileio import replace_dir
 from pipeline.synth.plan import DemoPlan, plan_demo
 from pipeline.synth.render import (
     PAD_PX,
@@ -249,13 +250,6 @@ def generate_demo(out_dir: Path | str, settings: DemoSettings) -> DemoSummary:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     log.info("demo town written to %s: %d months, %d changes", out_dir, len(plan.months), len(plan.changes))
     return summary
