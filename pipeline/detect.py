@@ -498,7 +498,7 @@ class StripBlender:
         probs = self.acc[:, :n] / np.where(covered, wsum, 1.0)
         self.covered_pixels += int(np.count_nonzero(covered))
         self.sink(self.top, probs, covered & self.valid[:n])
-        self.acc, self.wsum, self.valid = self.acc[:, n:].copy(), wsum[n:].copy(), self.valid[n:].copy()
+        self.acc, self.wsum, self.valid = self.acc[:, n:].copy(), self.wsum[n:].copy(), self.valid[n:].copy()
         self.top = until
 
     def close(self) -> None:

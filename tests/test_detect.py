@@ -223,6 +223,35 @@ def test_strip_blender_memory_is_bounded_by_the_strip() -> None:
     assert all(r % 64 == 0 for r in seen)
 
 
+def test_strip_blender_flushes_the_same_values_as_a_whole_raster_blend() -> None:
+    # Several flushes (block 64 on a 700-row raster): every flushed row must equal the blend computed
+    # on the whole raster at once, including rows carried over between flushes.
+    height, width, size, overlap = 700, 90, 128, 32
+    rng = np.random.default_rng(3)
+    tiles = make_grid(width, height, TRANSFORM, size=size, overlap=overlap)
+    out = np.full((2, height, width), np.nan, np.float32)
+    ok_out = np.zeros((height, width), bool)
+
+    def sink(row: int, probs: np.ndarray, ok: np.ndarray) -> None:
+        out[:, row : row + probs.shape[1]] = probs
+        ok_out[row : row + probs.shape[1]] = ok
+
+    blender = det.StripBlender(width, height, sink, block=64)
+    acc = np.zeros((2, height, width))
+    wsum = np.zeros((height, width))
+    for tile in tiles:
+        probs = rng.random((2, tile.height, tile.width)).astype(np.float32)
+        weight = (np.outer(det.blend_ramp(size, overlap), det.blend_ramp(size, overlap)))[: tile.height, : tile.width]
+        weight = weight.astype(np.float32)
+        blender.add(tile, probs, np.ones((tile.height, tile.width), bool), weight)
+        rows, cols = slice(tile.row_off, tile.row_off + tile.height), slice(tile.col_off, tile.col_off + tile.width)
+        acc[:, rows, cols] += probs * weight
+        wsum[rows, cols] += weight
+    blender.close()
+    assert ok_out.all()
+    np.testing.assert_allclose(out, acc / wsum, rtol=1e-5, atol=1e-6)
+
+
 def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path, invalid=False)
     settings = DetectSettings(method="cva", device="cpu", batch_size=4, cva_sample_tiles=8)
