@@ -236,13 +236,21 @@ def report(settings: Settings, month: str) -> str:
 
 @cli.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint path.")
+@click.option("--arch", default=None, help="Override train.arch (e.g. fc_siam_diff for the baseline).")
 @stage
-def train(settings: Settings, out: Path | None) -> str:
+def train(settings: Settings, out: Path | None, arch: str | None) -> str:
     """Train the change-detection network (a deliberate step; the monthly run never retrains)."""
     from pipeline.train import train as run_training
 
+    train_settings = settings.train
+    if arch is not None and arch != train_settings.arch:
+        # A baseline trained beside the shipped net keeps its own checkpoint and log.
+        train_settings = train_settings.model_copy(
+            update={"arch": arch, "log_path": train_settings.log_path.with_name(f"train_log_{arch}.jsonl")}
+        )
+        out = out or settings.detect.model.with_name(f"{arch}.pt")
     target = out or settings.detect.model
-    result = run_training(settings.train, target)
+    result = run_training(train_settings, target)
     return f"trained {result.arch} for {result.steps} steps -> {target}"
 
 
