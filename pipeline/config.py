@@ -122,8 +122,8 @@ class DetectSettings(_Section):
 class VectorizeSettings(_Section):
     """Probability rasters -> flag polygons."""
 
-    high: float = Field(0.6, gt=0, lt=1)
-    low: float = Field(0.4, gt=0, lt=1)
+    high: float | None = Field(None, gt=0, lt=1)  # None: the detector's calibrated threshold (COG tag)
+    low: float = Field(0.5, gt=0, lt=1)
     min_area_m2: float = Field(12.0, ge=0)
     simplify_m: float = Field(0.5, ge=0)
     regularize: bool = True
@@ -134,7 +134,7 @@ class VectorizeSettings(_Section):
 
     @model_validator(mode="after")
     def _hysteresis(self) -> VectorizeSettings:
-        if self.low > self.high:
+        if self.high is not None and self.low > self.high:
             raise ValueError(f"low threshold {self.low} must not exceed high threshold {self.high}")
         return self
 

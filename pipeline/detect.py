@@ -185,6 +185,7 @@ class ModulePredictor:
         self._stream: Any = None
         self._amp: torch.dtype | None = None
         self._lock = threading.Lock()
+        self.threshold = 0.5  # decision threshold on the probabilities (a checkpoint carries a calibrated one)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -287,6 +288,7 @@ class CheckpointPredictor(ModulePredictor):
 
         wrapper = ChangeModel.load(self.path, device=str(device))
         self.in_channels = int(wrapper.in_channels)
+        self.threshold = float(getattr(wrapper, "threshold", None) or 0.5)
         if isinstance(wrapper, torch.nn.Module):
             return wrapper
         for name in ("module", "net", "model"):
@@ -763,7 +765,13 @@ def detect_pair(
         overlap,
     )
 
-    tags = {"month": month, "encoding": "round(p*254), 255=nodata", "method": settings.method}
+    tags = {
+        "month": month,
+        "encoding": "round(p*254), 255=nodata",
+        "method": settings.method,
+        # the model's calibrated decision threshold; vectorize seeds objects at it unless vectorize.high is set
+        "threshold": f"{float(getattr(predictor, 'threshold', 0.5)):.4f}",
+    }
     writer = _CogWriter(out_path, width=width, height=height, crs=crs, transform=transform, tags=tags)
     blender = StripBlender(width, height, writer.write)
     devices: set[str] = set()

@@ -60,6 +60,7 @@ from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError,
 log = logging.getLogger(__name__)
 
 KINDS = ("new", "removed")
+DEFAULT_HIGH = 0.6  # seed threshold when neither vectorize.high nor the probability COG says one
 NODATA = 255
 SCALE = 254.0
 MU_M2 = 10000.0 / 15.0  # one 亩
@@ -80,8 +81,24 @@ class _Part:
     on_seam: bool
 
 
+def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> VectorizeSettings:
+    """Settings with a concrete ``high``: ``vectorize.high``, else the detector's calibrated threshold.
+
+    The probability COG carries the threshold the model was calibrated at (tag ``threshold``); seeding
+    objects there keeps vectorize consistent with the model card. ``low`` never exceeds ``high``.
+    """
+    high = settings.high
+    if high is None:
+        try:
+            high = float(tags.get("threshold", DEFAULT_HIGH))
+        except ValueError:
+            high = DEFAULT_HIGH
+    return settings.model_copy(update={"high": high, "low": min(settings.low, high)})
+
+
 def clean_mask(p: np.ndarray, settings: VectorizeSettings) -> np.ndarray:
     """Hysteresis threshold then 3x3 opening and closing of a probability array (h, w) in [0, 1]."""
+    assert settings.high is not None  # resolve_thresholds ran first
     mask = apply_hysteresis_threshold(p, settings.low, settings.high)
     mask = ndimage.binary_opening(mask, structure=_FOOTPRINT)
     padded = np.pad(mask, 1, mode="edge")  # so the closing does not erode objects at the array edge
@@ -320,6 +337,7 @@ def vectorize_month(
         if ds.crs is None:
             raise CRSError(f"{prob_path}: raster has no CRS; rerun 'scarwatch align' and 'detect'")
         crs = ds.crs
+        settings = resolve_thresholds(settings, ds.tags())
         parts: dict[str, list[_Part]] = {k: [] for k in KINDS}
         for i, window in enumerate(_windows(ds.width, ds.height, settings.window_px)):
             for kind, found in _window_parts(ds, window, i, settings).items():

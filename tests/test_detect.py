@@ -360,13 +360,17 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
     from pipeline.nets import create_model
 
     torch.manual_seed(0)
-    path = checkpoint.save_checkpoint(tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3)
+    path = checkpoint.save_checkpoint(
+        tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3, meta={"threshold": 0.8}
+    )
     pair_dir = make_pair(tmp_path, height=120, width=136)
     settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
     predictor = det.make_predictor(settings)
     assert isinstance(predictor, det.CheckpointPredictor)
     probs, summary = run(tmp_path, pair_dir, 128, 16, settings=settings, predictor=predictor)
     assert summary.device == "cpu" and summary.n_tiles == 2 and predictor.in_channels == 3
+    with rasterio.open(summary.out_path) as ds:
+        assert ds.tags()["threshold"] == "0.8000"  # the calibrated threshold travels to vectorize
     valid = np.load(pair_dir / "valid.npy")
     assert (probs[:, ~valid] == det.NODATA).all() and (probs[:, valid] <= det.SCALE).all()
     x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)

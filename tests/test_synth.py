@@ -26,8 +26,11 @@ EVENTS = ("appeared", "expanded", "demolished", "rebuilt", "permitted", "removed
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _mosaic(root: Path, month: str) -> tuple[np.ndarray, rasterio.Affine]:

@@ -14,12 +14,13 @@ from shapely.geometry import Polygon, box
 
 from pipeline.config import VectorizeSettings
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.vectorize import COLUMNS, MU_M2, flag_id, flag_scores, vectorize_month
+from pipeline.vectorize import COLUMNS, MU_M2, flag_id, flag_scores, resolve_thresholds, vectorize_month
 
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4862000.0
 TRANSFORM = Affine(0.5, 0, X0, 0, -0.5, Y0)
-SETTINGS = VectorizeSettings(window_px=64, halo_px=16)  # small windows: objects cross window borders
+# small windows: objects cross window borders; explicit hysteresis thresholds (seeds > 0.6 grow into > 0.4)
+SETTINGS = VectorizeSettings(window_px=64, halo_px=16, high=0.6, low=0.4)
 
 
 def px_box(r0: int, c0: int, r1: int, c1: int) -> Polygon:
@@ -107,7 +108,9 @@ def test_known_rectangles(prob: Path, tmp_path: Path) -> None:
 
 def test_window_size_does_not_change_the_result(prob: Path, tmp_path: Path) -> None:
     small = vectorize_month(prob, tmp_path / "a.gpkg", SETTINGS, month="2026-03")
-    whole = vectorize_month(prob, tmp_path / "b.gpkg", VectorizeSettings(window_px=4096), month="2026-03")
+    whole = vectorize_month(
+        prob, tmp_path / "b.gpkg", VectorizeSettings(window_px=4096, high=0.6, low=0.4), month="2026-03"
+    )
     assert sorted(small.flag_id) == sorted(whole.flag_id)
 
 
@@ -143,7 +146,10 @@ def test_regularisation(tmp_path: Path) -> None:
     assert ell.area == pytest.approx((500 + 400) * 0.25, rel=0.05)
     assert len(ell.exterior.coords) == 7  # the L keeps its six corners
     plain = vectorize_month(
-        path, tmp_path / "g.gpkg", VectorizeSettings(window_px=64, halo_px=16, regularize=False), month="2026-03"
+        path,
+        tmp_path / "g.gpkg",
+        VectorizeSettings(window_px=64, halo_px=16, high=0.6, low=0.4, regularize=False),
+        month="2026-03",
     )
     assert len(plain[plain.intersects(px_box(49, 49, 51, 51))].geometry.iloc[0].exterior.coords) > 5
 
@@ -156,7 +162,10 @@ def test_slivers_dropped(tmp_path: Path) -> None:
     flags = vectorize_month(path, tmp_path / "f.gpkg", SETTINGS, month="2026-03")
     assert len(flags) == 1
     strict = vectorize_month(
-        path, tmp_path / "g.gpkg", VectorizeSettings(window_px=64, halo_px=16, sliver_m=2.0), month="2026-03"
+        path,
+        tmp_path / "g.gpkg",
+        VectorizeSettings(window_px=64, halo_px=16, high=0.6, low=0.4, sliver_m=2.0),
+        month="2026-03",
     )
     assert len(strict) == 0
 
@@ -249,3 +258,17 @@ def test_flag_scores(prob: Path, tmp_path: Path) -> None:
     assert scores["all"]["iou50"]["tp"] == 3
     with pytest.raises(InputError, match="lacks columns"):
         flag_scores(flags, truth.drop(columns="kind"), "2026-03")
+
+
+def test_seed_threshold_defaults_to_the_detectors_calibrated_one(tmp_path: Path) -> None:
+    data = scene()
+    path = write_prob(tmp_path / "prob.tif", data)
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(threshold="0.8600")  # what detect writes from the checkpoint
+    flags = vectorize_month(path, tmp_path / "f.gpkg", VectorizeSettings(window_px=64, halo_px=16), month="2026-03")
+    # seeds need p > 0.86: A (0.9), D (0.9), E's seed (0.9) stay; B (0.8) and removed G (0.85) go
+    new = flags[flags.kind == "new"]
+    assert len(new) == 3 and (flags.kind == "removed").sum() == 0
+    assert not new.intersects(px_box(50, 40, 80, 100).centroid).any()
+    assert resolve_thresholds(VectorizeSettings(high=0.7), {"threshold": "0.85"}).high == 0.7  # params win
+    assert resolve_thresholds(VectorizeSettings(low=0.5), {"threshold": "0.3"}).low == 0.3  # low <= high
