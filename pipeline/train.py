@@ -1,0 +1,343 @@
+"""Train a change network: seeded, masked BCE + Dice, AdamW with warmup and cosine decay.
+
+``train(settings, out_path)`` draws batches from :class:`pipeline.datasets.TrainingSampler` (Santa Rosa
+training clusters, footprint erasing, copy-paste, no-change pairs and demo-town pairs when
+``pipeline.synth`` provides them), logs one JSON line per ``log_every`` steps to ``settings.log_path``,
+scores a quick validation every ``val_every`` steps and writes a checkpoint every ``checkpoint_every``
+steps, so a usable model exists early. CUDA with mixed precision is used when present, the CPU
+otherwise. With ``time_limit_min`` the cosine schedule runs on ``max(step / steps, elapsed / limit)``,
+so the learning rate has decayed whenever the run stops.
+
+Run it as ``python -m pipeline.train --out models/scarnet.pt [--set train.steps=3000 ...]``; the
+``scarwatch train`` command calls :func:`train` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pipeline.config import TrainSettings, load_settings
+from pipeline.datasets import TrainingSampler, demo_pairs, load_levir, load_santa_rosa, split_clusters
+from pipeline.errors import ModelError
+from pipeline.evaluate import Scores, pixel_scores, pool
+from pipeline.nets import create_model
+from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        path: the checkpoint written (the last step).
+        arch: the architecture name.
+        steps: optimiser steps taken.
+        wall_s: wall-clock seconds.
+        final_loss: mean loss over the last logging window.
+        best_val: the best quick-validation score seen (weighted pixel F1), or None.
+        history: the logged records.
+    """
+
+    path: Path
+    arch: str
+    steps: int
+    wall_s: float
+    final_loss: float
+    best_val: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code may use the legacy global generator
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA raises ModelError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device is 'cuda' but CUDA is not available; set train.device to auto or cpu")
+    return torch.device(device)
+
+
+def masked_bce_dice(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, dice_weight: float = 1.0
+) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice, both over the pixels where ``weight`` is True.
+
+    Args:
+        logits: ``(b, k, h, w)``.
+        labels: ``(b, k, h, w)`` in {0, 1}.
+        weight: ``(b, h, w)`` bool; False pixels (invalid, ignored rings) do not count.
+        dice_weight: weight of the Dice term.
+
+    Returns:
+        The scalar loss.
+    """
+    w = weight.unsqueeze(1).expand_as(logits).float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    bce = (bce * w).sum() / w.sum().clamp_min(1.0)
+    if dice_weight <= 0:
+        return bce
+    p = torch.sigmoid(logits.float()) * w
+    t = labels * w
+    inter = (p * t).sum(dim=(0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3)) + 1)
+    return bce + dice_weight * dice.mean()
+
+
+def lr_factor(progress: float, warmup: float, floor: float = 0.02) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` (a progress fraction), then cosine to ``floor``."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    t = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class QuickValidation:
+    """A small fixed validation set scored during training (pixel F1 at p >= 0.5).
+
+    Santa Rosa held-out crops (256², forward: removed), the ``levir-dev`` pairs (new) and demo-town pairs
+    when available. The score is ``0.4 levir + 0.4 demo + 0.2 santa`` over the sets present.
+    """
+
+    def __init__(self, data: Path, val_ids: list[str], seed: int, size: int = 256, n_santa: int = 24) -> None:
+        rng = np.random.default_rng(seed)
+        self.sets: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {}
+        santa = []
+        tiles = load_santa_rosa(data / "xbd-santa-rosa", val_ids)
+        changed = [t for t in tiles if t.change.any()]
+        for i in range(n_santa):
+            tile = changed[i % len(changed)] if i % 3 else tiles[int(rng.integers(len(tiles)))]
+            h, w = tile.valid.shape
+            if tile.change.any() and i % 3:
+                ys, xs = np.nonzero(tile.change)
+                k = int(rng.integers(len(ys)))
+                y = int(np.clip(ys[k] - size // 2, 0, h - size))
+                x = int(np.clip(xs[k] - size // 2, 0, w - size))
+            else:
+                y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+            sl = (slice(y, y + size), slice(x, x + size))
+            imgs = np.stack([tile.pre[:, sl[0], sl[1]], tile.post[:, sl[0], sl[1]]])
+            santa.append((imgs, tile.change[sl], tile.valid[sl], 1))
+        self.sets["santa-rosa"] = santa
+        self.sets["levir-dev"] = [(im, lab, np.ones_like(lab), 0) for _, im, lab in load_levir(data / "levir-dev")]
+        demo = []
+        for im, lab in demo_pairs(8, seed + 1, size):
+            for k in (0, 1):
+                if lab[k].any():
+                    demo.append((im, lab[k] > 0, np.ones(lab.shape[1:], bool), k))
+        if demo:
+            self.sets["demo-town"] = demo
+
+    @torch.no_grad()
+    def __call__(self, module: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Score ``module``: pixel F1 per set and the weighted ``score``."""
+        was_training = module.training
+        module.eval()
+        out: dict[str, float] = {}
+        for name, items in self.sets.items():
+            scores: list[Scores] = []
+            for imgs, lab, valid, k in items:
+                x = torch.from_numpy(imgs[None].astype(np.float32) / 255.0).to(device)
+                p = torch.sigmoid(module(x))[0, k].cpu().numpy()
+                scores.append(pixel_scores(p >= 0.5, lab, valid))
+            out[name] = round(pool(scores).f1, 4)
+        weights = {"levir-dev": 0.4, "demo-town": 0.4, "santa-rosa": 0.2}
+        present = {k: v for k, v in weights.items() if k in out}
+        out["score"] = round(sum(out[k] * v for k, v in present.items()) / sum(present.values()), 4)
+        module.train(was_training)
+        return out
+
+
+def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
+    """Train ``settings.arch`` and write its checkpoint to ``out_path``.
+
+    Args:
+        settings: the ``train`` section of params.yaml.
+        out_path: the checkpoint to write (also written every ``checkpoint_every`` steps).
+
+    Returns:
+        The run's summary.
+
+    Raises:
+        ModelError: unknown architecture, a bad ``init_from`` checkpoint or CUDA asked for but absent.
+        MissingInputError: the shared data is not at ``settings.data``.
+    """
+    out_path = Path(out_path)
+    seed_everything(settings.seed)
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    module = create_model(settings.arch, in_channels=settings.in_channels, **settings.arch_kwargs)
+    if settings.init_from is not None:
+        init = ChangeModel.load(settings.init_from)
+        if init.arch != settings.arch:
+            raise ModelError(
+                f"{settings.init_from}: holds {init.arch!r}, not {settings.arch!r}; set train.init_from to a "
+                f"{settings.arch!r} checkpoint"
+            )
+        module.load_state_dict(init.module.state_dict())
+    module = module.to(device).to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in module.parameters())
+    log.info("training %s (%d parameters) on %s", settings.arch, n_params, device)
+
+    santa_root = settings.data / "xbd-santa-rosa"
+    train_ids, val_ids = split_clusters(santa_root, settings.val_fraction, settings.split_seed)
+    log.info("Santa Rosa split (seed %d): %d train tiles, held out %r", settings.split_seed, len(train_ids), val_ids)
+    rng = np.random.default_rng(settings.seed)
+    sampler = TrainingSampler(load_santa_rosa(santa_root, train_ids), dict(settings.mix), rng)
+    quick = QuickValidation(settings.data, val_ids, seed=settings.split_seed + 1)
+
+    opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    warmup = settings.warmup_steps / settings.steps
+    settings.log_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_base: dict[str, Any] = {
+        "threshold": 0.5,
+        "train": json.loads(settings.model_dump_json()),
+        "val_ids": val_ids,
+        "parameters": n_params,
+    }
+    best_path = out_path.with_name(out_path.stem + ".best.pt")
+    history: list[dict[str, Any]] = []
+    losses: list[float] = []
+    best: float | None = None
+    start = time.monotonic()
+    step = 0
+    module.train()
+    with settings.log_path.open("a", encoding="utf-8") as log_file:
+
+        def record(rec: dict[str, Any]) -> None:
+            history.append(rec)
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+
+        record(
+            {
+                "event": "start",
+                "arch": settings.arch,
+                "parameters": n_params,
+                "device": str(device),
+                "out": str(out_path),
+                "val_ids": val_ids,
+                "settings": meta_base["train"],
+            }
+        )
+        while True:
+            elapsed = time.monotonic() - start
+            progress = step / settings.steps
+            if settings.time_limit_min is not None:
+                progress = max(progress, elapsed / (settings.time_limit_min * 60))
+            if progress >= 1.0:
+                break
+            lr = settings.lr * lr_factor(progress, warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            images, labels, weight = sampler.batch(settings.batch_size, settings.crop)
+            x = torch.from_numpy(images).to(device, non_blocking=True)
+            y = torch.from_numpy(labels).to(device, non_blocking=True)
+            w = torch.from_numpy(weight).to(device, non_blocking=True)
+            ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+            with ctx:
+                logits = module(x)
+            loss = masked_bce_dice(logits, y, w, settings.dice_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % settings.log_every == 0:
+                rec = {
+                    "event": "train",
+                    "step": step,
+                    "epoch": step // settings.log_every,
+                    "loss": round(float(np.mean(losses[-settings.log_every :])), 5),
+                    "lr": lr,
+                    "elapsed_s": round(time.monotonic() - start, 1),
+                    "progress": round(progress, 4),
+                    "mix": dict(sampler.counts),
+                }
+                record(rec)
+                log.info("step %d loss %.4f lr %.2e %.0fs", step, rec["loss"], lr, rec["elapsed_s"])
+            if step % 200 == 0:
+                sampler.refresh_synth()
+            if step % settings.checkpoint_every == 0:
+                save_checkpoint(
+                    out_path,
+                    module,
+                    settings.arch,
+                    settings.in_channels,
+                    settings.arch_kwargs,
+                    {**meta_base, "steps": step},
+                )
+            if step % settings.val_every == 0:
+                val = quick(module, device)
+                record({"event": "val", "step": step, "elapsed_s": round(time.monotonic() - start, 1), **val})
+                log.info("step %d quick validation %r", step, val)
+                if best is None or val["score"] > best:
+                    best = val["score"]
+                    save_checkpoint(
+                        best_path,
+                        module,
+                        settings.arch,
+                        settings.in_channels,
+                        settings.arch_kwargs,
+                        {**meta_base, "steps": step, "quick_val": val},
+                    )
+        wall = time.monotonic() - start
+        val = quick(module, device)
+        record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
+        save_checkpoint(
+            out_path,
+            module,
+            settings.arch,
+            settings.in_channels,
+            settings.arch_kwargs,
+            {**meta_base, "steps": step, "wall_s": round(wall, 1), "quick_val": val},
+        )
+        final = float(np.mean(losses[-settings.log_every :])) if losses else float("nan")
+        record({"event": "end", "step": step, "wall_s": round(wall, 1), "final_loss": final, "mix": sampler.counts})
+    log.info("trained %s: %d steps in %.0f s -> %s", settings.arch, step, wall, out_path)
+    return TrainResult(out_path, settings.arch, step, wall, final, best, history)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m pipeline.train --out models/scarnet.pt --set train.steps=3000``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="the parameters file")
+    parser.add_argument("--out", default="models/scarnet.pt", help="checkpoint to write")
+    parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE", help="override a value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "[{" else value
+    settings = load_settings(args.params, overrides)
+    result = train(settings.train, Path(args.out))
+    log.info("done: %s", {k: v for k, v in result.__dict__.items() if k != "history"})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

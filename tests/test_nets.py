@@ -1,0 +1,178 @@
+"""Shape contracts, determinism, checkpoints and errors of the change networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ModelError
+from pipeline.nets import MODELS, create_model
+from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+from pipeline.nets.cva import cva_probabilities
+
+torch.set_num_threads(1)
+
+SMALL = {"scarnet": {"widths": (4, 8, 8, 16, 16)}, "fc_siam_diff": {}}
+
+
+class BaseNetTest:
+    """Every architecture runs the same contract; subclasses set ``arch``."""
+
+    arch: str
+
+    def build(self, in_channels: int = 3) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return create_model(self.arch, in_channels=in_channels, **SMALL[self.arch]).eval()
+
+    @pytest.mark.parametrize("batch", [1, 2])
+    @pytest.mark.parametrize("channels", [3, 4])
+    def test_shape_contract(self, batch: int, channels: int) -> None:
+        net = self.build(channels)
+        with torch.no_grad():
+            out = net(torch.rand(batch, 2, channels, 32, 48))
+        assert out.shape == (batch, 2, 32, 48)
+        assert out.dtype == torch.float32
+
+    def test_rejects_bad_sizes_and_bands(self) -> None:
+        net = self.build(3)
+        with pytest.raises(ValueError, match="multiples of 16"):
+            net(torch.rand(1, 2, 3, 24, 32))
+        with pytest.raises(ModelError, match="expects 3"):
+            net(torch.rand(1, 2, 4, 32, 32))
+        with pytest.raises(ValueError, match=r"\(b, 2, c, h, w\)"):
+            net(torch.rand(1, 3, 32, 32))
+
+    def test_deterministic_inference(self) -> None:
+        net = self.build()
+        x = torch.rand(2, 2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(net(x), net(x))
+
+    def test_checkpoint_round_trip(self, tmp_path: Path) -> None:
+        net = self.build(4)
+        path = save_checkpoint(tmp_path / "m.pt", net, self.arch, 4, SMALL[self.arch], {"threshold": 0.35})
+        model = ChangeModel.load(path)
+        assert (model.arch, model.in_channels, model.threshold) == (self.arch, 4, 0.35)
+        x = np.random.default_rng(0).random((1, 2, 4, 32, 32), dtype=np.float32)
+        with torch.no_grad():
+            expected = torch.sigmoid(net(torch.from_numpy(x))).numpy()
+        got = model.predict(x)
+        assert got.dtype == np.float32 and got.shape == (1, 2, 32, 32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_array_equal(model.predict(torch.from_numpy(x)), got)
+        np.testing.assert_allclose(model.predict(x[0]), got, atol=1e-6)  # a single pair is accepted
+        with pytest.raises(ModelError, match="expects 4"):
+            model.predict(x[:, :, :3])
+
+
+class TestScarNet(BaseNetTest):
+    arch = "scarnet"
+
+    def test_removed_is_new_on_swapped_inputs(self) -> None:
+        net = self.build()
+        x = torch.rand(1, 2, 3, 32, 32)
+        with torch.no_grad():
+            out, swapped = net(x), net(x.flip(1))
+        torch.testing.assert_close(out[:, 1], swapped[:, 0])
+
+
+class TestFCSiamDiff(BaseNetTest):
+    arch = "fc_siam_diff"
+
+
+def test_registry_lists_architectures() -> None:
+    assert {"scarnet", "fc_siam_diff"} <= set(MODELS)
+    with pytest.raises(ModelError, match=r"unknown architecture 'unet'; valid names: \['fc_siam_diff', 'scarnet'\]"):
+        create_model("unet")
+    with pytest.raises(ModelError, match="in_channels 5"):
+        create_model("scarnet", in_channels=5)
+    with pytest.raises(ModelError, match="does not take options"):
+        create_model("fc_siam_diff", depth=3)
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    net = create_model("scarnet", **SMALL["scarnet"])
+    return save_checkpoint(tmp_path / "ok.pt", net, "scarnet", 3, SMALL["scarnet"])
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"nope\.pt: checkpoint not found; train one"):
+        ChangeModel.load(tmp_path / "nope.pt")
+
+
+def test_load_corrupt_file(tmp_path: Path, saved: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(saved.read_bytes()[:200])
+    with pytest.raises(ModelError, match=r"bad\.pt: checkpoint is corrupt"):
+        ChangeModel.load(bad)
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ModelError, match="corrupt"):
+        ChangeModel.load(text)
+
+
+def test_load_not_a_scarwatch_checkpoint(tmp_path: Path) -> None:
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ModelError, match="not a ScarWatch checkpoint"):
+        ChangeModel.load(other)
+
+
+def test_load_unknown_architecture(tmp_path: Path, saved: Path) -> None:
+    payload = torch.load(saved, weights_only=True)
+    payload["arch"] = "transformer9000"
+    path = tmp_path / "arch.pt"
+    torch.save(payload, path)
+    with pytest.raises(ModelError, match=r"arch\.pt: unknown architecture 'transformer9000'"):
+        ChangeModel.load(path)
+
+
+def test_load_state_dict_mismatch(tmp_path: Path, saved: Path) -> None:
+    payload = torch.load(saved, weights_only=True)
+    payload["kwargs"] = {"widths": (8, 8, 8, 16, 16)}
+    path = tmp_path / "mismatch.pt"
+    torch.save(payload, path)
+    with pytest.raises(ModelError, match=r"mismatch\.pt: weights do not fit architecture 'scarnet'"):
+        ChangeModel.load(path)
+
+
+def test_load_device_choice(saved: Path) -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ChangeModel.load(saved, device="auto").device.type == expected
+    with pytest.raises(ModelError, match="not a torch device"):
+        ChangeModel.load(saved, device="tpu9")
+
+
+def test_load_cuda_without_cuda(saved: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ModelError, match="CUDA is not available"):
+        ChangeModel.load(saved, device="cuda")
+
+
+def test_save_rejects_unknown_arch(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown architecture"):
+        save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(1, 1), "linear", 3)
+
+
+def test_cva_direction_and_threshold() -> None:
+    rng = np.random.default_rng(0)
+    prev = np.full((3, 64, 64), 0.3, np.float32) + rng.normal(0, 0.01, (3, 64, 64)).astype(np.float32)
+    curr = prev.copy()
+    curr[:, 10:20, 10:20] = 0.65  # a bright roof appears
+    curr[:, 40:50, 40:50] = 0.0  # something dark: read as removed
+    p = cva_probabilities(np.stack([prev, curr]), sigma=0)
+    assert p.shape == (2, 64, 64) and p.dtype == np.float32
+    assert p[0, 12:18, 12:18].min() > 0.9 and p[1, 12:18, 12:18].max() == 0
+    assert p[1, 42:48, 42:48].min() > 0.9 and p[0, 42:48, 42:48].max() == 0
+    assert p[:, 30, 5].max() < 0.5
+    valid = np.ones((64, 64), bool)
+    valid[:, :32] = False
+    assert cva_probabilities(np.stack([prev, curr]), valid)[:, :, :32].max() == 0
+    assert cva_probabilities((np.stack([prev, curr]) * 255).astype(np.uint8)).shape == (2, 64, 64)
+    with pytest.raises(ValueError, match=r"\(2, c, h, w\)"):
+        cva_probabilities(prev)
