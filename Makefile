@@ -49,8 +49,8 @@ pytest: venv sysdeps
 test: lint typecheck pytest
 
 bench: venv
-	$(BIN)/python benchmarks/bench_align.py
-	$(BIN)/python benchmarks/bench_detect.py
+	$(BIN)/python benchmarks/bench_align.py --read
+	$(BIN)/python benchmarks/bench_detect.py --model models/scarnet.pt
 
 clean:
 	rm -rf data/demo data/interim data/processed reports/maps reports/monthly reports/metrics .pytest_cache .mypy_cache

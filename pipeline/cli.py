@@ -262,7 +262,11 @@ def evaluate(settings: Settings, model: Path | None) -> str:
     from pipeline.evaluate import evaluate_model
 
     metrics = evaluate_model(model or settings.detect.model, settings.evaluate)
-    return f"evaluated {len(metrics)} data sets -> {settings.evaluate.out}"
+    beats = all(metrics.get("shipped_beats_baselines", {}).values())
+    return (
+        f"evaluated {len(metrics['datasets'])} data sets, shipped net beats the baselines on all: {beats} "
+        f"-> {settings.evaluate.out}"
+    )
 
 
 def main() -> None:
