@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
-from skimage.filters import window as make_window
-from skimage.registration import phase_cross_correlation
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +70,11 @@ def block_shift(
     texture = float(min(curr[valid].std(), prev[valid].std()))
     if texture < MIN_TEXTURE:
         return None, texture
+    # scikit-image (and the SciPy signal stack under it) is imported here, not at module load: reading an
+    # aligned pair only needs apply_luts, and every CLI stage imports this module.
+    from skimage.filters import window as make_window
+    from skimage.registration import phase_cross_correlation
+
     taper = make_window("hann", curr.shape)
     ref = np.where(valid, curr - curr[valid].mean(), 0.0) * taper
     mov = np.where(valid, prev - prev[valid].mean(), 0.0) * taper
