@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import re
 from contextlib import AbstractContextManager
 from functools import lru_cache
@@ -31,6 +30,7 @@ import pandas as pd
 
 from pipeline.config import MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
+from pipeline.fileio import atomic_path
 from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import (
     EVENT_TO_STATE,
@@ -314,10 +314,8 @@ def build_map(
     folium.LayerControl(collapsed=False).add_to(fmap)
 
     out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(out_html.name + ".tmp")
-    tmp.write_text(fmap.get_root().render(), encoding="utf-8")
-    os.replace(tmp, out_html)
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(fmap.get_root().render(), encoding="utf-8")
     log.info("wrote %s: %d flags, %d cases, %d alerts", str(out_html), len(flags), len(view.cases), len(view.alerts))
     return out_html
 

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +33,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
+from pipeline.fileio import atomic_path
 from pipeline.maps import (
     ALERT_ZH,
     FLAG_ZH,
@@ -537,6 +537,5 @@ def build_report(
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -25,6 +25,7 @@ from shapely.geometry import box
 
 from pipeline.config import TileSettings
 from pipeline.errors import CorruptFileError, InputError, MissingInputError
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,8 @@ def tiles_to_frame(tiles: Iterable[Tile], crs: CRS | str) -> gpd.GeoDataFrame:
 def write_tile_index(tiles: Iterable[Tile], crs: CRS | str, path: str | Path) -> Path:
     """Write the tile index as GeoParquet (with CRS), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tiles_to_frame(tiles, crs).to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tiles_to_frame(tiles, crs).to_parquet(tmp, index=False)
     return path
 
 

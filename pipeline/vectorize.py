@@ -56,6 +56,7 @@ from skimage.filters import apply_hysteresis_threshold
 
 from pipeline.config import VectorizeSettings, check_month
 from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
+from pipeline.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +283,10 @@ def _join_layer(points: gpd.GeoSeries, path: Path, column: str) -> list[str]:
 
 def _write(gdf: gpd.GeoDataFrame, out_path: Path) -> None:
     """Write the GeoPackage layer ``flags`` and the GeoParquet twin, each via a temporary file."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.gpkg")
-    tmp.unlink(missing_ok=True)
-    gdf.to_file(tmp, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-    tmp.replace(out_path)
-    parquet = out_path.with_suffix(".parquet")
-    tmp_pq = parquet.with_name(f".{parquet.stem}.tmp.parquet")
-    gdf.to_parquet(tmp_pq, index=False)
-    tmp_pq.replace(parquet)
+    with atomic_path(out_path) as tmp:
+        gdf.to_file(tmp, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+    with atomic_path(out_path.with_suffix(".parquet")) as tmp:
+        gdf.to_parquet(tmp, index=False)
 
 
 def vectorize_month(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from pipeline.errors import (
     MissingInputError,
     ScarWatchError,
 )
+from pipeline.fileio import atomic_path
 from pipeline.ledger.events import EVENT_KINDS, FIELD_KINDS, check_month_name, parse_date
 
 log = logging.getLogger(__name__)
@@ -330,22 +330,17 @@ def write_ledger(out_path: Path, events: gpd.GeoDataFrame, cases: gpd.GeoDataFra
         ScarWatchError: the file cannot be written (the previous ledger, if any, is left unchanged).
     """
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix}")
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)
-        for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
-            frame.to_file(
-                tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="Unknown", promote_to_multi=False
-            )
-        os.replace(tmp, out_path)
+        with atomic_path(out_path) as tmp:
+            for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
+                frame.to_file(
+                    tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="Unknown", promote_to_multi=False
+                )
     except (OSError, RuntimeError) as exc:  # pyogrio's errors are RuntimeErrors
         raise ScarWatchError(
             f"{out_path}: cannot write the ledger ({exc}); check free space and permissions "
             "(the previous ledger is unchanged)"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote ledger %s (%d events, %d cases, %d alerts)", out_path, len(events), len(cases), len(alerts))
     return out_path
 

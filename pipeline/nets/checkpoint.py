@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.fileio import atomic_path
 from pipeline.nets import MODELS, create_model
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,8 @@ def save_checkpoint(
         "state_dict": state,
         "meta": dict(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     log.info("wrote checkpoint %s (%s, %d bands)", path, arch, in_channels)
     return path
 

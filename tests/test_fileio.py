@@ -1,0 +1,33 @@
+import pytest
+
+from pipeline.fileio import atomic_path, replace_dir
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_suffix(tmp_path):
+    dest = tmp_path / "sub" / "ledger.gpkg"
+    with atomic_path(dest) as tmp:
+        assert tmp.parent == dest.parent and tmp.suffix == ".gpkg" and tmp != dest
+        tmp.write_text("new")
+    assert dest.read_text() == "new"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["ledger.gpkg"]
+
+
+def test_atomic_path_leaves_the_old_file_and_no_temp_on_error(tmp_path):
+    dest = tmp_path / "flags.parquet"
+    dest.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert dest.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["flags.parquet"]
+
+
+def test_replace_dir_swaps_a_finished_folder_in(tmp_path):
+    dest, tmp = tmp_path / "out", tmp_path / ".out.partial"
+    dest.mkdir()
+    (dest / "a.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "b.txt").write_text("new")
+    replace_dir(tmp, dest)
+    assert [p.name for p in dest.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
