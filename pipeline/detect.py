@@ -56,6 +56,7 @@ from scipy import ndimage
 
 from pipeline.config import DetectSettings
 from pipeline.errors import ConfigError, CRSMismatchError, InputError, ModelError
+from pipeline.fileio import atomic_path
 from pipeline.tiling import Tile, iter_batches, read_tile_index
 
 log = logging.getLogger(__name__)
@@ -557,9 +558,8 @@ class _CogWriter:
             factors.append(f)
         with rasterio.open(self.tmp, "r+") as ds:
             ds.build_overviews(factors, Resampling.average)
-        part = self.out_path.with_name(f".{self.out_path.stem}.cog.tif")
-        rasterio.shutil.copy(self.tmp, part, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK, OVERVIEWS="AUTO")
-        part.replace(self.out_path)
+        with atomic_path(self.out_path) as part:
+            rasterio.shutil.copy(self.tmp, part, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK, OVERVIEWS="AUTO")
         self.tmp.unlink(missing_ok=True)
 
     def abort(self) -> None:
