@@ -260,11 +260,20 @@ def train(settings: Settings, out: Path | None, arch: str | None) -> str:
 def evaluate(settings: Settings, model: Path | None) -> str:
     """Score a checkpoint (and the baselines) on every validation set; write the metrics file."""
     from pipeline.evaluate import evaluate_model
+    from pipeline.flagcheck import add_flag_check
 
-    metrics = evaluate_model(model or settings.detect.model, settings.evaluate)
+    checkpoint = model or settings.detect.model
+    metrics = evaluate_model(checkpoint, settings.evaluate)
     beats = all(metrics.get("shipped_beats_baselines", {}).values())
+    flags = ""
+    if settings.evaluate.flag_check:
+        removed = add_flag_check(settings, checkpoint, settings.evaluate.out)["scores"]["removed"]
+        flags = (
+            f"; Santa Rosa flags (removed, IoU >= 0.5): P {removed['iou50']['precision']:.2f} "
+            f"R {removed['iou50']['recall']:.2f}, centroid hit R {removed['centroid']['recall']:.2f}"
+        )
     return (
-        f"evaluated {len(metrics['datasets'])} data sets, shipped net beats the baselines on all: {beats} "
+        f"evaluated {len(metrics['datasets'])} data sets, shipped net beats the baselines on all: {beats}{flags} "
         f"-> {settings.evaluate.out}"
     )
 

@@ -124,6 +124,9 @@ class VectorizeSettings(_Section):
 
     high: float | None = Field(None, gt=0, lt=1)  # None: the detector's calibrated threshold (COG tag)
     low: float = Field(0.5, gt=0, lt=1)
+    # drop objects whose mean probability is below this; None: the model's calibrated object threshold
+    # (COG tag object_threshold, from scarwatch evaluate), else 0 (keep every seeded object)
+    min_p_mean: float | None = Field(None, ge=0, le=1)
     min_area_m2: float = Field(12.0, ge=0)
     simplify_m: float = Field(0.5, ge=0)
     regularize: bool = True
@@ -215,7 +218,10 @@ class EvaluateSettings(_Section):
     calibration_weights: dict[str, float] = Field(
         default_factory=lambda: {"levir-dev": 0.4, "demo-town": 0.4, "santa-rosa": 0.2}
     )
-    calibrate: bool = True  # write the chosen threshold into the checkpoint
+    calibrate: bool = True  # write the chosen thresholds into the checkpoint
+    grow: float = Field(0.5, gt=0, lt=1)  # = vectorize.low: objects are calibrated as vectorize builds them
+    object_thresholds: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
+    flag_check: bool = True  # run the real pipeline on the held-out Santa Rosa tiles (pipeline/flagcheck.py)
 
 
 class Settings(_Section):

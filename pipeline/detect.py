@@ -187,6 +187,7 @@ class ModulePredictor:
         self._amp: torch.dtype | None = None
         self._lock = threading.Lock()
         self.threshold = 0.5  # decision threshold on the probabilities (a checkpoint carries a calibrated one)
+        self.object_threshold: float | None = None  # minimum mean p of a flag (calibrated by evaluate)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -289,7 +290,10 @@ class CheckpointPredictor(ModulePredictor):
 
         wrapper = ChangeModel.load(self.path, device=str(device))
         self.in_channels = int(wrapper.in_channels)
+        # the calibrated thresholds travel into the probability COG's tags (fit loads in every mode)
         self.threshold = float(getattr(wrapper, "threshold", None) or 0.5)
+        obj = getattr(wrapper, "object_threshold", None)
+        self.object_threshold = None if obj is None else float(obj)
         if isinstance(wrapper, torch.nn.Module):
             return wrapper
         for name in ("module", "net", "model"):
@@ -772,6 +776,9 @@ def detect_pair(
         # the model's calibrated decision threshold; vectorize seeds objects at it unless vectorize.high is set
         "threshold": f"{float(getattr(predictor, 'threshold', 0.5)):.4f}",
     }
+    object_threshold = getattr(predictor, "object_threshold", None)
+    if object_threshold is not None:  # vectorize drops objects whose mean p is below it (pipeline/flagcheck.py)
+        tags["object_threshold"] = f"{float(object_threshold):.4f}"
     writer = _CogWriter(out_path, width=width, height=height, crs=crs, transform=transform, tags=tags)
     blender = StripBlender(width, height, writer.write)
     devices: set[str] = set()

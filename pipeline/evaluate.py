@@ -476,7 +476,9 @@ def evaluate_model(checkpoint: str | Path, settings: EvaluateSettings) -> dict[s
 
     Each network's threshold is calibrated on the grid ``settings.thresholds`` by the weighted pixel F1
     (``settings.calibration_weights`` over data sets, classes averaged); CVA keeps its own Otsu decision
-    (p >= 0.5). With ``settings.calibrate`` the shipped checkpoint's threshold is written back into it.
+    (p >= 0.5). For the shipped checkpoint the object threshold (minimum mean probability of a flag) is
+    calibrated too, by the weighted object F1 (:func:`pipeline.flagcheck.calibrate_objects`). With
+    ``settings.calibrate`` both are written back into the shipped checkpoint.
     Writes ``settings.out`` (JSON) and, when ``settings.card`` exists, the metrics table into the card.
 
     Args:
@@ -537,7 +539,12 @@ def evaluate_model(checkpoint: str | Path, settings: EvaluateSettings) -> dict[s
             "scores_at_0.5": _scores_at(items, probs, 0.5, settings),
         }
         if is_shipped:
+            from pipeline.flagcheck import calibrate_objects
+
             shipped = model
+            methods[name]["objects"] = calibrate_objects(
+                items, probs, best_t, settings, low=settings.grow, grid=settings.object_thresholds
+            )
         del probs
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -556,6 +563,8 @@ def evaluate_model(checkpoint: str | Path, settings: EvaluateSettings) -> dict[s
             **shipped.meta,
             "threshold": methods["shipped"]["threshold"],
             "calibration": methods["shipped"]["calibration"],
+            "object_threshold": methods["shipped"]["objects"]["object_threshold"],
+            "object_calibration": methods["shipped"]["objects"]["curve"],
         }
         with torch.no_grad():
             save_checkpoint(checkpoint, shipped.module.cpu(), shipped.arch, shipped.in_channels, shipped.kwargs, meta)

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import geopandas as gpd
 import pandas as pd
@@ -45,6 +45,9 @@ from pipeline.maps import (
     load_month_view,
     read_layer,
 )
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import MatchMode
 
 log = logging.getLogger(__name__)
 
@@ -290,13 +293,17 @@ def read_qa(qa_path: Path) -> dict[str, Any]:
     return summarize_qa(qa)
 
 
-def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str, dict[str, Any]]:
-    """Object precision/recall of the month's flags against the demo truth (IoU >= 0.5), per kind and all.
+def accuracy(
+    month: str, flags: gpd.GeoDataFrame, truth_path: Path, *, mode: MatchMode = "iou"
+) -> dict[str, dict[str, Any]]:
+    """Object precision/recall of the month's flags against the demo truth, per kind and all.
 
     Args:
         month: ``YYYY-MM``.
         flags: the month's flags (grid CRS).
         truth_path: the demo's truth GeoPackage (layer ``changes``).
+        mode: ``"iou"`` (one-to-one matches at IoU >= 0.5) or ``"centroid"`` (the flag covers the true
+            object's centroid).
 
     Returns:
         ``{"new" | "removed" | "all": Scores.as_dict()}``.
@@ -317,7 +324,7 @@ def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str,
     for kind in ("new", "removed", "all"):
         pred = flags if kind == "all" else flags[flags["kind"] == kind]
         true = truth if kind == "all" else truth[truth["kind"] == kind]
-        scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode="iou")
+        scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode=mode)
         out[kind] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.as_dict().items()}
     return out
 
@@ -507,6 +514,9 @@ def build_report(
     figures = compute_figures(view)
     figures["qa"] = read_qa(Path(qa_path)) if qa_path is not None else None
     figures["accuracy"] = accuracy(month, view.flags, Path(truth_path)) if truth_path is not None else None
+    figures["accuracy_centroid"] = (
+        accuracy(month, view.flags, Path(truth_path), mode="centroid") if truth_path is not None else None
+    )
     context = {
         "m": figures,
         "languages": list(settings.languages),

@@ -17,8 +17,11 @@ Memory is bounded by one window plus its halo; objects connected through more th
 context beyond a window are outside that bound (a documented limit, not a silent one).
 
 Then, per kind, parts that share an edge across window borders are unioned (``unary_union``) into one
-object, its pixel statistics pooled. Each object loses its holes, is dropped below ``min_area_m2``, is
-regularised or simplified, and slivers narrower than ``sliver_m`` are dropped:
+object, its pixel statistics pooled. An object whose mean probability is below ``min_p_mean`` (default:
+the model's calibrated object threshold, COG tag ``object_threshold``; see :mod:`pipeline.flagcheck`) is
+dropped: the network is often sure of a shadow edge but not of a whole blob. Each object loses its
+holes, is dropped below ``min_area_m2``, is regularised or simplified, and slivers narrower than
+``sliver_m`` are dropped:
 
 * **Regularisation** (``regularize``): when the polygon fills at least ``rect_fill`` of its minimum
   rotated rectangle (building-like), it is replaced by that rectangle scaled about its centroid to the
@@ -82,19 +85,24 @@ class _Part:
     on_seam: bool
 
 
-def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> VectorizeSettings:
-    """Settings with a concrete ``high``: ``vectorize.high``, else the detector's calibrated threshold.
+def _tag(tags: dict[str, str], name: str, default: float) -> float:
+    try:
+        return float(tags.get(name, default))
+    except ValueError:
+        return default
 
-    The probability COG carries the threshold the model was calibrated at (tag ``threshold``); seeding
-    objects there keeps vectorize consistent with the model card. ``low`` never exceeds ``high``.
+
+def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> VectorizeSettings:
+    """Settings with a concrete ``high`` and ``min_p_mean``: params first, else the detector's calibration.
+
+    The probability COG carries the thresholds the model was calibrated at (tags ``threshold`` and
+    ``object_threshold``, see :mod:`pipeline.flagcheck`); seeding and keeping objects there keeps vectorize
+    consistent with the model card. ``low`` never exceeds ``high``; without a calibrated object threshold
+    every seeded object is kept (``min_p_mean`` 0).
     """
-    high = settings.high
-    if high is None:
-        try:
-            high = float(tags.get("threshold", DEFAULT_HIGH))
-        except ValueError:
-            high = DEFAULT_HIGH
-    return settings.model_copy(update={"high": high, "low": min(settings.low, high)})
+    high = settings.high if settings.high is not None else _tag(tags, "threshold", DEFAULT_HIGH)
+    min_p_mean = settings.min_p_mean if settings.min_p_mean is not None else _tag(tags, "object_threshold", 0.0)
+    return settings.model_copy(update={"high": high, "low": min(settings.low, high), "min_p_mean": min_p_mean})
 
 
 def clean_mask(p: np.ndarray, settings: VectorizeSettings) -> np.ndarray:
@@ -341,8 +349,12 @@ def vectorize_month(
 
     rows: list[dict[str, Any]] = []
     geoms: list[Polygon] = []
+    dropped = 0
     for kind in KINDS:
         for obj in _merge_seams(parts[kind]):
+            if obj.p_sum / max(obj.n, 1) < (settings.min_p_mean or 0.0):
+                dropped += 1
+                continue
             for poly in shape_object(obj.geom, settings):
                 rows.append(
                     {
@@ -370,7 +382,14 @@ def vectorize_month(
         flags = flags.iloc[order].reset_index(drop=True)[[*COLUMNS, "geometry"]]
         flags = flags.drop_duplicates("flag_id").reset_index(drop=True)
     _write(flags, out_path)
-    log.info("%s: %d flags -> %s", month, len(flags), out_path)
+    log.info(
+        "%s: %d flags -> %s (%d objects below the mean probability %.2f dropped)",
+        month,
+        len(flags),
+        out_path,
+        dropped,
+        settings.min_p_mean or 0.0,
+    )
     return flags
 
 

@@ -173,6 +173,7 @@ def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
         assert ds.overviews(1) and ds.overviews(2)
         assert ds.profile["tiled"]
         assert ds.tags()["month"] == "2026-03"
+        assert "object_threshold" not in ds.tags()  # an uncalibrated predictor keeps every seeded object
     assert not list(tmp_path.glob(".*part*"))  # temporaries cleaned up
 
 
@@ -361,7 +362,7 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
 
     torch.manual_seed(0)
     path = checkpoint.save_checkpoint(
-        tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3, meta={"threshold": 0.8}
+        tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3, meta={"threshold": 0.8, "object_threshold": 0.85}
     )
     pair_dir = make_pair(tmp_path, height=120, width=136)
     settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
@@ -370,7 +371,8 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
     probs, summary = run(tmp_path, pair_dir, 128, 16, settings=settings, predictor=predictor)
     assert summary.device == "cpu" and summary.n_tiles == 2 and predictor.in_channels == 3
     with rasterio.open(summary.out_path) as ds:
-        assert ds.tags()["threshold"] == "0.8000"  # the calibrated threshold travels to vectorize
+        assert ds.tags()["threshold"] == "0.8000"  # the calibrated thresholds travel to vectorize
+        assert ds.tags()["object_threshold"] == "0.8500"
     valid = np.load(pair_dir / "valid.npy")
     assert (probs[:, ~valid] == det.NODATA).all() and (probs[:, valid] <= det.SCALE).all()
     x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)

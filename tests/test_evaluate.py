@@ -169,6 +169,11 @@ def test_evaluate_model_end_to_end(tmp_path, monkeypatch) -> None:
     assert cva["recall"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "m.json").read_text())["methods"]["shipped"]["threshold"] == shipped["threshold"]
     assert ChangeModel.load(ckpt).threshold == shipped["threshold"]
+    # the object threshold is calibrated at the chosen seed and travels in the checkpoint too
+    objects = shipped["objects"]
+    assert objects["seed"] == shipped["threshold"] and objects["object_threshold"] in settings.object_thresholds
+    assert set(objects["curve"]) == {str(t) for t in settings.object_thresholds}
+    assert ChangeModel.load(ckpt).object_threshold == objects["object_threshold"]
     text = card.read_text()
     assert "PLACEHOLDER" not in text and "| levir-dev | new | **shipped** |" in text and text.endswith("after\n")
     assert set(metrics["bars"]) == {"santa-rosa/removed", "levir-dev/new", "demo-town/new", "demo-town/removed"}

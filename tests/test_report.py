@@ -94,6 +94,9 @@ def test_qa_and_accuracy(built: dict[str, Any]) -> None:
     assert (acc["new"]["tp"], acc["new"]["fp"], acc["new"]["fn"]) == (2, 2, 1)
     assert acc["new"]["precision"] == pytest.approx(0.5) and acc["new"]["recall"] == pytest.approx(2 / 3, abs=1e-3)
     assert (acc["removed"]["tp"], acc["removed"]["fp"], acc["removed"]["fn"]) == (1, 0, 0)
+    hit = m["accuracy_centroid"]  # the centroid-hit variant of the same check
+    assert set(hit) == {"new", "removed", "all"} and hit["removed"]["tp"] == 1
+    assert hit["all"]["tp"] >= acc["all"]["tp"]
     assert "精确率 0.50" in built["html"] and "precision 0.50" in built["html"]
 
 
@@ -128,7 +131,7 @@ def test_languages_setting_and_default_metrics_path(built: dict[str, Any], tmp_p
     html = out.read_text(encoding="utf-8")
     assert 'id="section-en"' in html and 'id="section-zh"' not in html
     metrics = json.loads((tmp_path / f"{MONTH}.json").read_text(encoding="utf-8"))
-    assert metrics["qa"] is None and metrics["accuracy"] is None
+    assert metrics["qa"] is None and metrics["accuracy"] is None and metrics["accuracy_centroid"] is None
     assert "No co-registration QA file" in html
 
 

@@ -272,3 +272,27 @@ def test_seed_threshold_defaults_to_the_detectors_calibrated_one(tmp_path: Path)
     assert not new.intersects(px_box(50, 40, 80, 100).centroid).any()
     assert resolve_thresholds(VectorizeSettings(high=0.7), {"threshold": "0.85"}).high == 0.7  # params win
     assert resolve_thresholds(VectorizeSettings(low=0.5), {"threshold": "0.3"}).low == 0.3  # low <= high
+
+
+def test_objects_below_the_calibrated_mean_probability_are_dropped(tmp_path: Path) -> None:
+    path = write_prob(tmp_path / "prob.tif", scene())
+    with rasterio.open(path, "r+") as ds:
+        ds.update_tags(threshold="0.6000", object_threshold="0.7900")  # what detect writes from the checkpoint
+    settings = VectorizeSettings(window_px=64, halo_px=16, low=0.4)
+    flags = vectorize_month(path, tmp_path / "f.gpkg", settings, month="2026-03")
+    new = flags[flags.kind == "new"]
+    # A and D (0.9) stay; B (203/254 = 0.799) stays as one object: its mean pools the windows it crosses;
+    # E (a 0.9 seed grown into 0.5: mean 0.6) is dropped; removed G (0.85) stays
+    assert len(new) == 3 and (flags.kind == "removed").sum() == 1
+    assert new.intersects(px_box(50, 40, 80, 100).centroid).any()
+    assert not new.intersects(px_box(150, 10, 160, 50).centroid).any()
+    assert new.p_mean.min() == pytest.approx(203 / 254, abs=1e-4)
+    # params win over the tag: 0 keeps E again, 0.86 drops B and G too
+    keep = vectorize_month(path, tmp_path / "k.gpkg", settings.model_copy(update={"min_p_mean": 0.0}), month="2026-03")
+    assert (keep.kind == "new").sum() == 4
+    strict = settings.model_copy(update={"min_p_mean": 0.86})
+    strict_flags = vectorize_month(path, tmp_path / "s.gpkg", strict, month="2026-03")
+    assert (strict_flags.kind == "new").sum() == 2 and (strict_flags.kind == "removed").sum() == 0
+    # no calibration anywhere: every seeded object is kept
+    assert resolve_thresholds(VectorizeSettings(), {}).min_p_mean == 0.0
+    assert resolve_thresholds(VectorizeSettings(), {"object_threshold": "junk"}).min_p_mean == 0.0

@@ -79,6 +79,8 @@ class ChangeModel:
         arch: the architecture name.
         in_channels: bands per epoch the network expects.
         threshold: the calibrated decision threshold on probabilities.
+        object_threshold: the calibrated minimum mean probability of a flag object (None: not calibrated;
+            see :mod:`pipeline.flagcheck`).
         kwargs: the architecture options.
         meta: everything else the checkpoint recorded.
         module: the network, in eval mode, channels-last, on ``device``.
@@ -102,6 +104,8 @@ class ChangeModel:
         self.kwargs = dict(kwargs or {})
         self.meta = dict(meta or {})
         self.threshold = float(self.meta.get("threshold", 0.5))
+        obj = self.meta.get("object_threshold")
+        self.object_threshold: float | None = None if obj is None else float(obj)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ChangeModel:

@@ -1,0 +1,310 @@
+"""Flag-level (object) checks: the object-confidence calibration and the Santa Rosa flag check.
+
+Pixel calibration (:mod:`pipeline.evaluate`) picks the threshold that seeds objects. Whether a seeded
+object becomes a flag is decided here, per object, by its mean probability: the network is often sure of
+a few pixels of a shadow edge or a seasonal colour shift (p_max high) but not of the whole blob, while a
+real new or removed structure is confidently changed over most of its footprint. :func:`calibrate_objects`
+builds objects exactly as :func:`pipeline.vectorize.clean_mask` does (hysteresis, opening, closing) on
+the validation pairs and picks the smallest object mean probability maximising the weighted object F1;
+``scarwatch evaluate`` writes it into the checkpoint as ``object_threshold``, detect carries it into the
+probability COG and vectorize drops flags below it (``vectorize.min_p_mean`` overrides).
+
+:func:`santa_rosa_flags` runs the real align → tile → detect → vectorize chain on the held-out Santa
+Rosa tiles (pre → post, so destroyed buildings are ``removed`` flags) and scores the flags against the
+xBD footprints of destroyed and major-damage buildings, at IoU >= 0.5 and by centroid hit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.config import VectorizeSettings
+from pipeline.evaluate import Scores, component_scores, pool
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+    from pipeline.config import EvaluateSettings, Settings
+
+log = logging.getLogger(__name__)
+
+#: object mean-probability thresholds tried by :func:`calibrate_objects` (0 keeps every seeded object)
+OBJECT_GRID = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
+
+
+@dataclass
+class Objects:
+    """Seeded objects of one probability map: 4-connected labels (h, w) and each label's mean p."""
+
+    labels: np.ndarray
+    means: np.ndarray  # index 0 (background) unused
+
+    def mask(self, min_mean: float) -> np.ndarray:
+        """The pixels of the objects whose mean probability is at least ``min_mean``."""
+        keep = self.means >= min_mean
+        keep[0] = False
+        return np.asarray(keep[self.labels])
+
+
+def seeded_objects(p: np.ndarray, seed: float, low: float, valid: np.ndarray | None = None) -> Objects:
+    """Objects as vectorize builds them: hysteresis at (``low``, ``seed``), 3x3 opening and closing.
+
+    Args:
+        p: probabilities (h, w) in [0, 1].
+        seed: seed threshold (the calibrated pixel threshold).
+        low: grow threshold (capped at ``seed``).
+        valid: pixels outside it count as p = 0.
+
+    Returns:
+        The labelled objects with their mean probabilities.
+    """
+    from scipy import ndimage
+
+    from pipeline.vectorize import clean_mask
+
+    p = np.asarray(p, dtype=np.float32)
+    if valid is not None:
+        p = np.where(valid, p, 0.0).astype(np.float32)
+    settings = VectorizeSettings.model_validate({"high": seed, "low": min(low, seed)})
+    labels, n = ndimage.label(clean_mask(p, settings))
+    sums = np.bincount(labels.ravel(), weights=p.ravel(), minlength=n + 1)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    return Objects(labels, sums / np.maximum(counts, 1))
+
+
+def _weighted_object_f1(scores: dict[tuple[str, str], Scores], weights: dict[str, float]) -> float:
+    """Weighted mean over data sets of the mean object F1 over classes (sets absent are left out)."""
+    total = norm = 0.0
+    for ds, w in weights.items():
+        f1s = [s.f1 for (d, _), s in scores.items() if d == ds]
+        if f1s and w > 0:
+            total += w * float(np.mean(f1s))
+            norm += w
+    return total / norm if norm else 0.0
+
+
+def calibrate_objects(
+    items: Sequence[Any],
+    probs: Sequence[np.ndarray],
+    seed: float,
+    settings: EvaluateSettings,
+    *,
+    low: float = 0.5,
+    grid: Sequence[float] = OBJECT_GRID,
+) -> dict[str, Any]:
+    """Choose the object mean-probability threshold that maximises the weighted object F1.
+
+    Args:
+        items: validation items (``dataset``, ``cls``, ``truth``, ``valid``) as from
+            :func:`pipeline.evaluate.validation_items`.
+        probs: each item's class probability (h, w).
+        seed: the seed (pixel) threshold objects are grown from.
+        settings: ``evaluate`` settings (``iou_threshold``, ``min_object_px``, ``calibration_weights``).
+        low: the grow threshold (``vectorize.low``).
+        grid: candidate thresholds.
+
+    Returns:
+        ``{"object_threshold", "seed", "low", "curve": {t: weighted F1}, "scores": {ds: {cls: Scores}}}``
+        with the scores of the chosen threshold; ties go to the smaller threshold (fewer flags dropped).
+    """
+    per_t: dict[float, dict[tuple[str, str], list[Scores]]] = {t: {} for t in grid}
+    for item, p in zip(items, probs, strict=True):
+        objs = seeded_objects(p, seed, low, item.valid)
+        for t in grid:
+            s = component_scores(
+                objs.mask(t),
+                item.truth,
+                item.valid,
+                iou_threshold=settings.iou_threshold,
+                min_pixels=settings.min_object_px,
+            )
+            per_t[t].setdefault((item.dataset, item.cls), []).append(s)
+    pooled = {t: {k: pool(v) for k, v in groups.items()} for t, groups in per_t.items()}
+    curve = {t: _weighted_object_f1(pooled[t], settings.calibration_weights) for t in grid}
+    best = max(grid, key=lambda t: (round(curve[t], 6), -t))
+    scores: dict[str, dict[str, Any]] = {}
+    for (ds, cls), s in sorted(pooled[best].items()):
+        scores.setdefault(ds, {})[cls] = s.as_dict()
+    log.info("object threshold %.2f (weighted object F1 %.4f; at 0: %.4f)", best, curve[best], curve[grid[0]])
+    return {
+        "object_threshold": float(best),
+        "seed": float(seed),
+        "low": float(min(low, seed)),
+        "curve": {str(t): round(v, 4) for t, v in curve.items()},
+        "scores": scores,
+    }
+
+
+# --------------------------------------------------------------------------- Santa Rosa, end to end
+
+#: xBD damage classes whose footprints count as removed structures (as in the change masks)
+REMOVED_SUBTYPES = ("destroyed", "major-damage")
+#: the month the Santa Rosa flags are dated (post imagery: 2017-10-11)
+SANTA_ROSA_MONTH = "2017-10"
+
+
+def santa_rosa_truth(root: Path, tile_id: str, valid_path: Path | None = None) -> gpd.GeoDataFrame:
+    """Footprints of the tile's destroyed and major-damage buildings as ``removed`` truth (EPSG:32610).
+
+    With ``valid_path`` (the aligned pair's ``valid.tif``) footprints whose centroid is not valid in both
+    epochs are left out: no detector can see them.
+    """
+    import geopandas as gpd
+    import rasterio
+
+    from pipeline.errors import MissingInputError
+
+    path = root / "buildings" / f"{tile_id}.geojson"
+    if not path.is_file():
+        raise MissingInputError(f"{path}: footprints not found; point evaluate.data at the shared data folder")
+    gdf = gpd.read_file(path)
+    gdf = gdf[gdf["subtype"].isin(REMOVED_SUBTYPES)].to_crs("EPSG:32610")
+    if valid_path is not None and len(gdf):
+        with rasterio.open(valid_path) as ds:
+            if ds.crs is not None and gdf.crs != ds.crs:
+                gdf = gdf.to_crs(ds.crs)
+            cents = gdf.geometry.centroid
+            vals = np.array([v[0] for v in ds.sample(list(zip(cents.x, cents.y, strict=True)))])
+        gdf = gdf[vals > 0]
+    return gpd.GeoDataFrame(
+        {"month": [SANTA_ROSA_MONTH] * len(gdf), "kind": ["removed"] * len(gdf)},
+        geometry=gdf.geometry.to_numpy(),
+        crs=gdf.crs,
+    )
+
+
+def _epoch(folder: Path, sheet: Path) -> Path:
+    """An epoch folder holding one sheet (a symbolic link; a copy where links are not allowed)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / sheet.name
+    try:
+        target.symlink_to(sheet.resolve())
+    except OSError:
+        shutil.copyfile(sheet, target)
+    return folder
+
+
+def santa_rosa_flags(
+    settings: Settings,
+    work_dir: Path,
+    *,
+    tile_ids: Sequence[str] | None = None,
+    predictor: Any = None,
+) -> dict[str, Any]:
+    """Run align → tile → detect → vectorize on held-out Santa Rosa tiles and score the flags.
+
+    Each tile's pre image is the previous epoch and its post image the current one, so destroyed
+    buildings should come out as ``removed`` flags; any ``new`` flag is a false alarm. Flags are scored
+    against :func:`santa_rosa_truth` at IoU >= 0.5 and by centroid hit (:func:`pipeline.vectorize.flag_scores`)
+    and pooled over tiles by adding counts.
+
+    Args:
+        settings: all settings (``evaluate.data``, the held-out split, and the align, tile, detect and
+            vectorize sections exactly as the monthly pipeline uses them).
+        work_dir: scratch folder for the pairs, tile indexes, probability rasters and flags.
+        tile_ids: tiles to run (default: the held-out clusters of ``evaluate.split_seed``).
+        predictor: a detect predictor (default: from ``settings.detect``).
+
+    Returns:
+        ``{"tiles": [...], "truth": n, "flags": {kind: n}, "scores": {kind: {"iou50", "centroid"}},
+        "per_tile": {id: {"truth": n, "removed_iou50": {...}}}}``.
+
+    Raises:
+        MissingInputError: the Santa Rosa data is not at ``evaluate.data``.
+    """
+    from pipeline.datasets import split_clusters
+    from pipeline.detect import detect_pair
+    from pipeline.imagery import align_pair
+    from pipeline.tiling import tile_pair
+    from pipeline.vectorize import KINDS, flag_scores, vectorize_month
+
+    root = Path(settings.evaluate.data) / "xbd-santa-rosa"
+    if tile_ids is None:
+        _, tile_ids = split_clusters(root, settings.evaluate.val_fraction, settings.evaluate.split_seed)
+    totals: dict[str, dict[str, Scores]] = {k: {} for k in (*KINDS, "all")}
+    per_tile: dict[str, Any] = {}
+    n_truth = 0
+    n_flags = dict.fromkeys(KINDS, 0)
+    month = SANTA_ROSA_MONTH
+    for tile_id in tile_ids:
+        base = Path(work_dir) / tile_id
+        prev = _epoch(base / "imagery" / "pre", root / "pre" / f"{tile_id}.tif")
+        curr = _epoch(base / "imagery" / "post", root / "post" / f"{tile_id}.tif")
+        pair_dir = base / "pair"
+        align_pair(prev, curr, pair_dir, settings.align, month=month, prev="2017-06")
+        tile_pair(pair_dir, base / "tiles.parquet", settings.tile)
+        detect_pair(
+            pair_dir,
+            base / "tiles.parquet",
+            base / "prob.tif",
+            settings.detect,
+            overlap=settings.tile.overlap,
+            predictor=predictor,
+        )
+        flags = vectorize_month(base / "prob.tif", base / "flags.gpkg", settings.vectorize, month=month)
+        truth = santa_rosa_truth(root, tile_id, pair_dir / "valid.tif")
+        scores = flag_scores(flags, truth, month)
+        for kind, modes in scores.items():
+            for mode, d in modes.items():
+                s = Scores.from_counts(int(d["tp"]), int(d["fp"]), int(d["fn"]))
+                totals[kind][mode] = totals[kind][mode] + s if mode in totals[kind] else s
+        per_tile[tile_id] = {"truth": len(truth), "removed_iou50": scores["removed"]["iou50"]}
+        n_truth += len(truth)
+        for kind in KINDS:
+            n_flags[kind] += int((flags["kind"] == kind).sum())
+        log.info(
+            "santa rosa %s: %d destroyed footprints, %d removed / %d new flags, removed P %.2f R %.2f",
+            tile_id,
+            len(truth),
+            int((flags["kind"] == "removed").sum()),
+            int((flags["kind"] == "new").sum()),
+            scores["removed"]["iou50"]["precision"],
+            scores["removed"]["iou50"]["recall"],
+        )
+    return {
+        "tiles": list(tile_ids),
+        "month": month,
+        "truth": n_truth,
+        "flags": n_flags,
+        "scores": {kind: {mode: s.as_dict() for mode, s in modes.items()} for kind, modes in totals.items()},
+        "per_tile": per_tile,
+    }
+
+
+def add_flag_check(settings: Settings, checkpoint: Path, metrics_path: Path) -> dict[str, Any]:
+    """Run :func:`santa_rosa_flags` with ``checkpoint`` and store it under ``flags`` in the metrics file.
+
+    The pipeline settings are the monthly run's (params.yaml), with ``detect.model`` set to
+    ``checkpoint``; pairs, rasters and flags go to a temporary folder that is removed afterwards.
+
+    Returns:
+        The flag check's result (as stored under ``flags.santa-rosa``).
+
+    Raises:
+        MissingInputError: the metrics file or the Santa Rosa data is missing.
+    """
+    import json
+    import tempfile
+
+    from pipeline.errors import MissingInputError
+    from pipeline.fileio import atomic_path
+
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        raise MissingInputError(f"{metrics_path}: metrics file not found; run 'scarwatch evaluate' first")
+    settings = settings.model_copy(update={"detect": settings.detect.model_copy(update={"model": Path(checkpoint)})})
+    with tempfile.TemporaryDirectory(prefix="scarwatch-flagcheck-") as work:
+        result = santa_rosa_flags(settings, Path(work))
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics.setdefault("flags", {})["santa-rosa"] = result
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return result
