@@ -362,7 +362,11 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
 
     torch.manual_seed(0)
     path = checkpoint.save_checkpoint(
-        tmp_path / "net.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3, meta={"threshold": 0.8, "object_threshold": 0.85}
+        tmp_path / "net.pt",
+        create_model("fc_siam_diff"),
+        "fc_siam_diff",
+        3,
+        meta={"threshold": 0.8, "object_threshold": 0.85},
     )
     pair_dir = make_pair(tmp_path, height=120, width=136)
     settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
