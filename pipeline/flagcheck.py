@@ -308,3 +308,69 @@ def add_flag_check(settings: Settings, checkpoint: Path, metrics_path: Path) -> 
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return result
+
+
+# --------------------------------------------------------------------------- the demo town, pooled
+
+
+def demo_accuracy(metrics_dir: Path) -> dict[str, dict[str, Any]]:
+    """Pool the demo's monthly flag accuracy (``reports/metrics/<month>.json``) over every month.
+
+    The monthly report scores each month's flags against the demo truth (``accuracy``: IoU >= 0.5;
+    ``accuracy_centroid``: centroid hit); this adds the counts of all months.
+
+    Returns:
+        ``{"iou50" | "centroid": {"new" | "removed" | "all": Scores.as_dict(), "months": [...]}}``.
+
+    Raises:
+        MissingInputError: no monthly metrics file with an accuracy section is in ``metrics_dir``.
+    """
+    import json
+
+    from pipeline.errors import MissingInputError
+
+    out: dict[str, dict[str, Any]] = {}
+    months = []
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        figures = json.loads(path.read_text(encoding="utf-8"))
+        if not figures.get("accuracy"):
+            continue
+        months.append(path.stem)
+        for mode, key in (("iou50", "accuracy"), ("centroid", "accuracy_centroid")):
+            for kind, s in (figures.get(key) or {}).items():
+                counts = Scores.from_counts(int(s["tp"]), int(s["fp"]), int(s["fn"]))
+                pooled = out.setdefault(mode, {})
+                pooled[kind] = pooled[kind] + counts if kind in pooled else counts
+    if not months:
+        raise MissingInputError(
+            f"{metrics_dir}: no monthly metrics with a demo accuracy section; run 'make demo' (or dvc repro) first"
+        )
+    return {mode: {**{kind: s.as_dict() for kind, s in kinds.items()}, "months": months} for mode, kinds in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.flagcheck [reports/metrics]``: the demo's flag accuracy pooled over months."""
+    import argparse
+
+    from pipeline.errors import ScarWatchError
+
+    parser = argparse.ArgumentParser(description="Pool the demo town's monthly flag accuracy over all months.")
+    parser.add_argument("metrics_dir", nargs="?", default="reports/metrics", help="folder of <month>.json")
+    args = parser.parse_args(argv)
+    try:
+        result = demo_accuracy(Path(args.metrics_dir))
+    except ScarWatchError as exc:
+        raise SystemExit(f"python -m pipeline.flagcheck: error: {exc}") from None
+    for mode, kinds in result.items():
+        print(f"{mode} ({', '.join(kinds['months'])}):")
+        for kind in ("all", "new", "removed"):
+            s = kinds.get(kind)
+            if s:
+                print(
+                    f"  {kind:8s} TP {s['tp']:4d}  FP {s['fp']:4d}  FN {s['fn']:4d}  "
+                    f"P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}"
+                )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

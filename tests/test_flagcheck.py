@@ -129,3 +129,31 @@ def test_santa_rosa_flags_run_the_real_chain_on_a_held_out_tile(shared_data: Pat
     everything = santa_rosa_flags(loose, tmp_path / "loose", tile_ids=["00000099"])
     assert sum(everything["flags"].values()) > sum(out["flags"].values())
     assert everything["scores"]["removed"]["iou50"]["fp"] > removed["iou50"]["fp"]
+
+
+def test_demo_accuracy_pools_the_monthly_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from pipeline.errors import MissingInputError
+    from pipeline.flagcheck import demo_accuracy, main
+
+    def month(tp: int, fp: int, fn: int) -> dict:
+        return {kind: {"tp": tp, "fp": fp, "fn": fn} for kind in ("new", "removed", "all")}
+
+    for name, iou, hit in (("2026-02", (4, 1, 1), (5, 0, 0)), ("2026-03", (3, 1, 1), (3, 1, 1))):
+        figures = {"accuracy": month(*iou), "accuracy_centroid": month(*hit)}
+        (tmp_path / f"{name}.json").write_text(json.dumps(figures))
+    (tmp_path / "city.json").write_text(json.dumps({"accuracy": None}))  # not the demo town: skipped
+    out = demo_accuracy(tmp_path)
+    assert out["iou50"]["months"] == ["2026-02", "2026-03"]
+    assert (out["iou50"]["all"]["tp"], out["iou50"]["all"]["fp"], out["iou50"]["all"]["fn"]) == (7, 2, 2)
+    assert out["iou50"]["all"]["f1"] == pytest.approx(14 / 18)
+    assert (out["centroid"]["new"]["tp"], out["centroid"]["new"]["fn"]) == (8, 1)
+    main([str(tmp_path)])
+    assert "all      TP    7  FP    2  FN    2  P 0.778  R 0.778  F1 0.778" in capsys.readouterr().out
+    (tmp_path / "2026-02.json").unlink()
+    (tmp_path / "2026-03.json").unlink()
+    with pytest.raises(MissingInputError, match="no monthly metrics with a demo accuracy section"):
+        demo_accuracy(tmp_path)
+    with pytest.raises(SystemExit, match="pipeline.flagcheck: error: .*run 'make demo'"):
+        main([str(tmp_path)])

@@ -77,25 +77,26 @@ def test_repro_runs_every_stage_end_to_end(project: Path, first_run: str):
 
 
 def test_flags_find_the_demo_truth(project: Path, first_run: str):
+    from pipeline.evaluate import Scores
+    from pipeline.vectorize import flag_scores
+
     truth = gpd.read_file(project / "data/demo/truth/truth.gpkg", layer="changes")
-    found = {"new": 0, "removed": 0}
-    total = {"new": 0, "removed": 0}
+    pooled = {"iou50": Scores.from_counts(0, 0, 0), "centroid": Scores.from_counts(0, 0, 0)}
     for month in MONTHS:
         flags = gpd.read_file(project / f"data/processed/flags/{month}.gpkg", layer="flags")
         assert flags.crs.to_epsg() == 4551
         assert flags["flag_id"].is_unique and (flags["area_m2"] > 0).all()
         assert set(flags["kind"]) <= {"new", "removed"}
-        for kind in found:
-            want = truth[(truth["month"] == month) & (truth["kind"] == kind)]
-            got = flags[flags["kind"] == kind]
-            total[kind] += len(want)
-            found[kind] += sum(bool(got.intersects(geom).any()) for geom in want.geometry)
-    # Every scripted change of the small demo is a structure an inspector must see: nearly all are flagged
-    # with the right kind (object precision is the model's business: models/scarnet.md, the report's
-    # accuracy line).
-    assert total["new"] >= 3 and total["removed"] >= 1
-    assert found["new"] >= 0.8 * total["new"], found
-    assert found["removed"] >= 0.5 * total["removed"], found
+        for mode, s in flag_scores(flags, truth, month)["all"].items():
+            pooled[mode] = pooled[mode] + Scores.from_counts(int(s["tp"]), int(s["fp"]), int(s["fn"]))
+    # Every scripted change of the small demo is a structure an inspector must see, and every flag sends
+    # one out: most changes are hit with the right kind and few flags are false. Measured with the
+    # shipped checkpoint on these 6 changes: centroid hit P 1.00 / R 0.83, IoU >= 0.5 P 0.80 / R 0.67
+    # (the full 2 km demo: models/scarnet.md, "Flags: the object threshold").
+    hit, iou = pooled["centroid"], pooled["iou50"]
+    assert hit.tp + hit.fn >= 5
+    assert hit.recall >= 0.75 and hit.precision >= 0.75, pooled
+    assert iou.precision >= 0.6, pooled
 
 
 def test_ledger_and_report_reflect_the_month(project: Path, first_run: str):
