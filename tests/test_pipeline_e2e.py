@@ -90,9 +90,9 @@ def test_flags_find_the_demo_truth(project: Path, first_run: str):
         for mode, s in flag_scores(flags, truth, month)["all"].items():
             pooled[mode] = pooled[mode] + Scores.from_counts(int(s["tp"]), int(s["fp"]), int(s["fn"]))
     # Every scripted change of the small demo is a structure an inspector must see, and every flag sends
-    # one out: most changes are hit with the right kind and few flags are false. Measured with the
-    # shipped checkpoint on these 6 changes: centroid hit P 1.00 / R 0.83, IoU >= 0.5 P 0.80 / R 0.67
-    # (the full 2 km demo: models/scarnet.md, "Flags: the object threshold").
+    # one out: most changes are hit with the right kind and few flags are false. Measured on these 6
+    # changes: centroid hit and IoU >= 0.5 both P 1.00 / R 0.83 (stage-2 checkpoint: IoU P 0.80 / R 0.67;
+    # the full 2 km demo: models/scarnet.md, "Flags: the object threshold").
     hit, iou = pooled["centroid"], pooled["iou50"]
     assert hit.tp + hit.fn >= 5
     assert hit.recall >= 0.75 and hit.precision >= 0.75, pooled
