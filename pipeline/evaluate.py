@@ -84,6 +84,11 @@ class Scores:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         return cls(int(tp), int(fp), int(fn), precision, recall, f1, _ratio(tp, tp + fp + fn))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scores:
+        """Rebuild scores from :meth:`as_dict` output (only the counts are read)."""
+        return cls.from_counts(int(d["tp"]), int(d["fp"]), int(d["fn"]))
+
     def __add__(self, other: Scores) -> Scores:
         """Pool two sets of scores by adding their counts."""
         if not isinstance(other, Scores):
@@ -448,12 +453,15 @@ def _scores_at(
     return out
 
 
-def _weighted_f1(scores: dict[str, dict[str, dict[str, Any]]], weights: dict[str, float]) -> float:
-    """Weighted mean over data sets of the mean pixel F1 over classes (sets absent are left out)."""
+def weighted_f1(scores: dict[str, dict[str, dict[str, Any]]], weights: dict[str, float], level: str = "pixel") -> float:
+    """Weighted mean over data sets of the mean ``level`` (pixel or object) F1 over classes.
+
+    ``scores`` is ``{data set: {class: {level: Scores.as_dict()}}}``; sets absent are left out.
+    """
     total = norm = 0.0
     for ds, w in weights.items():
         if ds in scores and w > 0:
-            f1s = [c["pixel"]["f1"] for c in scores[ds].values()]
+            f1s = [c[level]["f1"] for c in scores[ds].values()]
             total += w * float(np.mean(f1s))
             norm += w
     return total / norm if norm else 0.0
@@ -524,7 +532,7 @@ def evaluate_model(checkpoint: str | Path, settings: EvaluateSettings) -> dict[s
         probs = _net_probabilities(model, items)
         sweep = {}
         for t in settings.thresholds:
-            sweep[t] = _weighted_f1(_scores_at(items, probs, t, settings, objects=False), settings.calibration_weights)
+            sweep[t] = weighted_f1(_scores_at(items, probs, t, settings, objects=False), settings.calibration_weights)
         best_t = max(sweep, key=lambda t: (round(sweep[t], 6), -abs(t - 0.5)))
         methods[name] = {
             "kind": model.arch,
@@ -542,9 +550,7 @@ def evaluate_model(checkpoint: str | Path, settings: EvaluateSettings) -> dict[s
             from pipeline.flagcheck import calibrate_objects
 
             shipped = model
-            methods[name]["objects"] = calibrate_objects(
-                items, probs, best_t, settings, low=settings.grow, grid=settings.object_thresholds
-            )
+            methods[name]["objects"] = calibrate_objects(items, probs, best_t, settings)
         del probs
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import VectorizeSettings
-from pipeline.evaluate import Scores, component_scores, pool
+from pipeline.evaluate import Scores, component_scores, pool, weighted_f1
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     from pipeline.config import EvaluateSettings, Settings
 
 log = logging.getLogger(__name__)
-
-#: object mean-probability thresholds tried by :func:`calibrate_objects` (0 keeps every seeded object)
-OBJECT_GRID = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
 
 
 @dataclass
@@ -64,29 +61,14 @@ def seeded_objects(p: np.ndarray, seed: float, low: float, valid: np.ndarray | N
     Returns:
         The labelled objects with their mean probabilities.
     """
-    from scipy import ndimage
-
-    from pipeline.vectorize import clean_mask
+    from pipeline.vectorize import clean_mask, label_objects
 
     p = np.asarray(p, dtype=np.float32)
     if valid is not None:
         p = np.where(valid, p, 0.0).astype(np.float32)
     settings = VectorizeSettings.model_validate({"high": seed, "low": min(low, seed)})
-    labels, n = ndimage.label(clean_mask(p, settings))
-    sums = np.bincount(labels.ravel(), weights=p.ravel(), minlength=n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    labels, sums, counts = label_objects(clean_mask(p, settings), p)
     return Objects(labels, sums / np.maximum(counts, 1))
-
-
-def _weighted_object_f1(scores: dict[tuple[str, str], Scores], weights: dict[str, float]) -> float:
-    """Weighted mean over data sets of the mean object F1 over classes (sets absent are left out)."""
-    total = norm = 0.0
-    for ds, w in weights.items():
-        f1s = [s.f1 for (d, _), s in scores.items() if d == ds]
-        if f1s and w > 0:
-            total += w * float(np.mean(f1s))
-            norm += w
-    return total / norm if norm else 0.0
 
 
 def calibrate_objects(
@@ -95,8 +77,8 @@ def calibrate_objects(
     seed: float,
     settings: EvaluateSettings,
     *,
-    low: float = 0.5,
-    grid: Sequence[float] = OBJECT_GRID,
+    low: float | None = None,
+    grid: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Choose the object mean-probability threshold that maximises the weighted object F1.
 
@@ -105,15 +87,18 @@ def calibrate_objects(
             :func:`pipeline.evaluate.validation_items`.
         probs: each item's class probability (h, w).
         seed: the seed (pixel) threshold objects are grown from.
-        settings: ``evaluate`` settings (``iou_threshold``, ``min_object_px``, ``calibration_weights``).
-        low: the grow threshold (``vectorize.low``).
-        grid: candidate thresholds.
+        settings: ``evaluate`` settings (``iou_threshold``, ``min_object_px``, ``calibration_weights``,
+            ``grow``, ``object_thresholds``).
+        low: the grow threshold (default ``settings.grow``, which mirrors ``vectorize.low``).
+        grid: candidate thresholds (default ``settings.object_thresholds``).
 
     Returns:
         ``{"object_threshold", "seed", "low", "curve": {t: weighted F1}, "scores": {ds: {cls: Scores}}}``
         with the scores of the chosen threshold; ties go to the smaller threshold (fewer flags dropped).
     """
-    per_t: dict[float, dict[tuple[str, str], list[Scores]]] = {t: {} for t in grid}
+    low = settings.grow if low is None else low
+    grid = tuple(settings.object_thresholds if grid is None else grid)
+    per_t: dict[float, dict[str, dict[str, list[Scores]]]] = {t: {} for t in grid}
     for item, p in zip(items, probs, strict=True):
         objs = seeded_objects(p, seed, low, item.valid)
         for t in grid:
@@ -124,13 +109,17 @@ def calibrate_objects(
                 iou_threshold=settings.iou_threshold,
                 min_pixels=settings.min_object_px,
             )
-            per_t[t].setdefault((item.dataset, item.cls), []).append(s)
-    pooled = {t: {k: pool(v) for k, v in groups.items()} for t, groups in per_t.items()}
-    curve = {t: _weighted_object_f1(pooled[t], settings.calibration_weights) for t in grid}
+            per_t[t].setdefault(item.dataset, {}).setdefault(item.cls, []).append(s)
+    pooled = {
+        t: {
+            ds: {cls: {"object": pool(v).as_dict()} for cls, v in sorted(classes.items())}
+            for ds, classes in groups.items()
+        }
+        for t, groups in per_t.items()
+    }
+    curve = {t: weighted_f1(pooled[t], settings.calibration_weights, level="object") for t in grid}
     best = max(grid, key=lambda t: (round(curve[t], 6), -t))
-    scores: dict[str, dict[str, Any]] = {}
-    for (ds, cls), s in sorted(pooled[best].items()):
-        scores.setdefault(ds, {})[cls] = s.as_dict()
+    scores = {ds: {cls: s["object"] for cls, s in classes.items()} for ds, classes in sorted(pooled[best].items())}
     log.info("object threshold %.2f (weighted object F1 %.4f; at 0: %.4f)", best, curve[best], curve[grid[0]])
     return {
         "object_threshold": float(best),
@@ -229,7 +218,7 @@ def santa_rosa_flags(
     root = Path(settings.evaluate.data) / "xbd-santa-rosa"
     if tile_ids is None:
         _, tile_ids = split_clusters(root, settings.evaluate.val_fraction, settings.evaluate.split_seed)
-    totals: dict[str, dict[str, Scores]] = {k: {} for k in (*KINDS, "all")}
+    found: dict[tuple[str, str], list[Scores]] = {}
     per_tile: dict[str, Any] = {}
     n_truth = 0
     n_flags = dict.fromkeys(KINDS, 0)
@@ -254,27 +243,30 @@ def santa_rosa_flags(
         scores = flag_scores(flags, truth, month)
         for kind, modes in scores.items():
             for mode, d in modes.items():
-                s = Scores.from_counts(int(d["tp"]), int(d["fp"]), int(d["fn"]))
-                totals[kind][mode] = totals[kind][mode] + s if mode in totals[kind] else s
+                found.setdefault((kind, mode), []).append(Scores.from_dict(d))
         per_tile[tile_id] = {"truth": len(truth), "removed_iou50": scores["removed"]["iou50"]}
         n_truth += len(truth)
+        counts = {kind: int((flags["kind"] == kind).sum()) for kind in KINDS}
         for kind in KINDS:
-            n_flags[kind] += int((flags["kind"] == kind).sum())
+            n_flags[kind] += counts[kind]
         log.info(
             "santa rosa %s: %d destroyed footprints, %d removed / %d new flags, removed P %.2f R %.2f",
             tile_id,
             len(truth),
-            int((flags["kind"] == "removed").sum()),
-            int((flags["kind"] == "new").sum()),
+            counts["removed"],
+            counts["new"],
             scores["removed"]["iou50"]["precision"],
             scores["removed"]["iou50"]["recall"],
         )
+    totals: dict[str, dict[str, Any]] = {}
+    for (kind, mode), tiles in found.items():
+        totals.setdefault(kind, {})[mode] = pool(tiles).as_dict()
     return {
         "tiles": list(tile_ids),
         "month": month,
         "truth": n_truth,
         "flags": n_flags,
-        "scores": {kind: {mode: s.as_dict() for mode, s in modes.items()} for kind, modes in totals.items()},
+        "scores": totals,
         "per_tile": per_tile,
     }
 
@@ -329,7 +321,7 @@ def demo_accuracy(metrics_dir: Path) -> dict[str, dict[str, Any]]:
 
     from pipeline.errors import MissingInputError
 
-    out: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, list[Scores]]] = {}
     months = []
     for path in sorted(Path(metrics_dir).glob("*.json")):
         figures = json.loads(path.read_text(encoding="utf-8"))
@@ -338,14 +330,15 @@ def demo_accuracy(metrics_dir: Path) -> dict[str, dict[str, Any]]:
         months.append(path.stem)
         for mode, key in (("iou50", "accuracy"), ("centroid", "accuracy_centroid")):
             for kind, s in (figures.get(key) or {}).items():
-                counts = Scores.from_counts(int(s["tp"]), int(s["fp"]), int(s["fn"]))
-                pooled = out.setdefault(mode, {})
-                pooled[kind] = pooled[kind] + counts if kind in pooled else counts
+                found.setdefault(mode, {}).setdefault(kind, []).append(Scores.from_dict(s))
     if not months:
         raise MissingInputError(
             f"{metrics_dir}: no monthly metrics with a demo accuracy section; run 'make demo' (or dvc repro) first"
         )
-    return {mode: {**{kind: s.as_dict() for kind, s in kinds.items()}, "months": months} for mode, kinds in out.items()}
+    return {
+        mode: {**{kind: pool(scores).as_dict() for kind, scores in kinds.items()}, "months": months}
+        for mode, kinds in found.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

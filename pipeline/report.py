@@ -293,20 +293,17 @@ def read_qa(qa_path: Path) -> dict[str, Any]:
     return summarize_qa(qa)
 
 
-def accuracy(
-    month: str, flags: gpd.GeoDataFrame, truth_path: Path, *, mode: MatchMode = "iou"
-) -> dict[str, dict[str, Any]]:
+def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Object precision/recall of the month's flags against the demo truth, per kind and all.
 
     Args:
         month: ``YYYY-MM``.
         flags: the month's flags (grid CRS).
         truth_path: the demo's truth GeoPackage (layer ``changes``).
-        mode: ``"iou"`` (one-to-one matches at IoU >= 0.5) or ``"centroid"`` (the flag covers the true
-            object's centroid).
 
     Returns:
-        ``{"new" | "removed" | "all": Scores.as_dict()}``.
+        ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}``: one-to-one matches at
+        IoU >= 0.5, and flags that cover the true object's centroid.
     """
     from pipeline.evaluate import object_scores
 
@@ -320,12 +317,14 @@ def accuracy(
             flags.crs.to_string(),
         )
         truth = truth.to_crs(flags.crs)
-    out: dict[str, dict[str, Any]] = {}
+    modes: tuple[MatchMode, ...] = ("iou", "centroid")
+    out: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in modes}
     for kind in ("new", "removed", "all"):
         pred = flags if kind == "all" else flags[flags["kind"] == kind]
         true = truth if kind == "all" else truth[truth["kind"] == kind]
-        scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode=mode)
-        out[kind] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.as_dict().items()}
+        for mode in modes:
+            scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode=mode)
+            out[mode][kind] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.as_dict().items()}
     return out
 
 
@@ -513,10 +512,9 @@ def build_report(
     view = load_month_view(month, Path(ledger_path), Path(flags_path))
     figures = compute_figures(view)
     figures["qa"] = read_qa(Path(qa_path)) if qa_path is not None else None
-    figures["accuracy"] = accuracy(month, view.flags, Path(truth_path)) if truth_path is not None else None
-    figures["accuracy_centroid"] = (
-        accuracy(month, view.flags, Path(truth_path), mode="centroid") if truth_path is not None else None
-    )
+    scored = accuracy(month, view.flags, Path(truth_path)) if truth_path is not None else None
+    figures["accuracy"] = scored["iou"] if scored else None
+    figures["accuracy_centroid"] = scored["centroid"] if scored else None
     context = {
         "m": figures,
         "languages": list(settings.languages),

@@ -114,6 +114,16 @@ def clean_mask(p: np.ndarray, settings: VectorizeSettings) -> np.ndarray:
     return np.asarray(ndimage.binary_closing(padded, structure=_FOOTPRINT)[1:-1, 1:-1])
 
 
+def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Objects of a mask: 4-connected labels (as ``shapes(connectivity=4)`` traces them), sums and counts.
+
+    Returns ``(labels, sums, counts)``: each label's sum and pixel count of ``p`` (index 0 is the background).
+    """
+    labels, n = ndimage.label(mask)
+    flat = labels.ravel()
+    return labels, np.bincount(flat, weights=p.ravel(), minlength=n + 1), np.bincount(flat, minlength=n + 1)
+
+
 def _windows(width: int, height: int, size: int) -> list[Window]:
     return [
         Window(c, r, min(size, width - c), min(size, height - r))
@@ -142,15 +152,12 @@ def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings
     for band, kind in enumerate(KINDS):
         raw = data[band]
         p = np.where(raw == NODATA, 0.0, raw / SCALE).astype(np.float32)
-        mask = clean_mask(p, settings)[rows, cols]
-        labels, n = ndimage.label(mask)  # 4-connectivity, as shapes(connectivity=4)
+        pc = p[rows, cols]
+        labels, sums, counts = label_objects(clean_mask(p, settings)[rows, cols], pc)
+        n = len(counts) - 1
         if n == 0:
             out[kind] = []
             continue
-        pc = p[rows, cols]
-        flat = labels.ravel()
-        sums = np.bincount(flat, weights=pc.ravel(), minlength=n + 1)
-        counts = np.bincount(flat, minlength=n + 1)
         maxs = ndimage.maximum(pc, labels, np.arange(n + 1))
         edge: set[int] = set()
         for on, line in zip(seams, (labels[0], labels[-1], labels[:, 0], labels[:, -1]), strict=True):

@@ -88,7 +88,7 @@ def test_flags_find_the_demo_truth(project: Path, first_run: str):
         assert flags["flag_id"].is_unique and (flags["area_m2"] > 0).all()
         assert set(flags["kind"]) <= {"new", "removed"}
         for mode, s in flag_scores(flags, truth, month)["all"].items():
-            pooled[mode] = pooled[mode] + Scores.from_counts(int(s["tp"]), int(s["fp"]), int(s["fn"]))
+            pooled[mode] = pooled[mode] + Scores.from_dict(s)
     # Every scripted change of the small demo is a structure an inspector must see, and every flag sends
     # one out: most changes are hit with the right kind and few flags are false. Measured on these 6
     # changes: centroid hit and IoU >= 0.5 both P 1.00 / R 0.83 (stage-2 checkpoint: IoU P 0.80 / R 0.67;
