@@ -232,6 +232,11 @@ def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
 
+        def save(path: Path, **meta: Any) -> None:
+            save_checkpoint(
+                path, module, settings.arch, settings.in_channels, settings.arch_kwargs, {**meta_base, **meta}
+            )
+
         record(
             {
                 "event": "start",
@@ -283,39 +288,18 @@ def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
             if step % 200 == 0:
                 sampler.refresh_synth()
             if step % settings.checkpoint_every == 0:
-                save_checkpoint(
-                    out_path,
-                    module,
-                    settings.arch,
-                    settings.in_channels,
-                    settings.arch_kwargs,
-                    {**meta_base, "steps": step},
-                )
+                save(out_path, steps=step)
             if step % settings.val_every == 0:
                 val = quick(module, device)
                 record({"event": "val", "step": step, "elapsed_s": round(time.monotonic() - start, 1), **val})
                 log.info("step %d quick validation %r", step, val)
                 if best is None or val["score"] > best:
                     best = val["score"]
-                    save_checkpoint(
-                        best_path,
-                        module,
-                        settings.arch,
-                        settings.in_channels,
-                        settings.arch_kwargs,
-                        {**meta_base, "steps": step, "quick_val": val},
-                    )
+                    save(best_path, steps=step, quick_val=val)
         wall = time.monotonic() - start
         val = quick(module, device)
         record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
-        save_checkpoint(
-            out_path,
-            module,
-            settings.arch,
-            settings.in_channels,
-            settings.arch_kwargs,
-            {**meta_base, "steps": step, "wall_s": round(wall, 1), "quick_val": val},
-        )
+        save(out_path, steps=step, wall_s=round(wall, 1), quick_val=val)
         final = float(np.mean(losses[-settings.log_every :])) if losses else float("nan")
         record({"event": "end", "step": step, "wall_s": round(wall, 1), "final_loss": final, "mix": sampler.counts})
     log.info("trained %s: %d steps in %.0f s -> %s", settings.arch, step, wall, out_path)
