@@ -343,7 +343,9 @@ class CvaPredictor:
         self.softness = softness
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
-        self.threshold: float | None = None
+        self.magnitude_threshold: float | None = None  # Otsu threshold on the change magnitude, from fit()
+        # the decision threshold on the probabilities detect writes: p = 0.5 exactly at the Otsu magnitude
+        self.threshold = 0.5
 
     def setup(self) -> str:
         """CVA runs with numpy on the CPU."""
@@ -374,14 +376,14 @@ class CvaPredictor:
         count = int(pair.count)
         pooled = np.concatenate(samples, axis=-1) if samples else np.zeros((2, count, 0), np.float32)
         if pooled.shape[-1] < 2:
-            self.mean, self.std, self.threshold = np.zeros(count), np.ones(count), 1.0
+            self.mean, self.std, self.magnitude_threshold = np.zeros(count), np.ones(count), 1.0
             log.warning("CVA: no valid pixels in %d sampled tiles; threshold set to 1.0", len(picks))
             return
         self.mean = pooled.mean(axis=(0, 2))
         self.std = pooled.std(axis=(0, 2)) + 1e-6
         mag = self._magnitude(pooled[None, ..., None])[0, :, 0]
-        self.threshold = float(threshold_otsu(mag)) if float(mag.max()) > float(mag.min()) else 1.0
-        log.info("CVA threshold %.4f from %d pixels of %d tiles", self.threshold, mag.size, len(picks))
+        self.magnitude_threshold = float(threshold_otsu(mag)) if float(mag.max()) > float(mag.min()) else 1.0
+        log.info("CVA threshold %.4f from %d pixels of %d tiles", self.magnitude_threshold, mag.size, len(picks))
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """CVA needs no staging."""
@@ -389,10 +391,10 @@ class CvaPredictor:
 
     def __call__(self, prepared: np.ndarray) -> np.ndarray:
         """Probabilities (b, 2, h, w) of new / removed change."""
-        if self.threshold is None:
+        if self.magnitude_threshold is None:
             raise ModelError("CVA statistics not fitted; call fit(pair, tiles) before predicting")
         smooth = self._smooth(np.asarray(prepared, dtype=np.float32))
-        t = max(self.threshold, 1e-6)
+        t = max(self.magnitude_threshold, 1e-6)
         p = _sigmoid((self._magnitude(smooth) - t) / max(self.softness * t, 1e-6))
         brighter = smooth[:, 1].mean(axis=1) > smooth[:, 0].mean(axis=1)
         return np.stack([np.where(brighter, p, 0.0), np.where(brighter, 0.0, p)], axis=1).astype(np.float32)

@@ -259,7 +259,10 @@ def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
     predictor = det.make_predictor(settings)
     assert isinstance(predictor, det.CvaPredictor)
     probs, _ = run(tmp_path, pair_dir, 64, 16, settings=settings, predictor=predictor)
-    assert predictor.threshold is not None and predictor.threshold > 0
+    assert predictor.magnitude_threshold is not None and predictor.magnitude_threshold > 0
+    with rasterio.open(tmp_path / "prob_64_16_False.tif") as ds:
+        # the probability threshold (p = 0.5 at the Otsu magnitude), not the magnitude itself: vectorize seeds at it
+        assert ds.tags()["threshold"] == "0.5000" and "object_threshold" not in ds.tags()
     inside = probs[0, 65:95, 125:175].astype(float)
     outside = probs[0, 150:190, 30:100].astype(float)
     assert inside.mean() > 200 and outside.mean() < 60
