@@ -237,8 +237,9 @@ def report(settings: Settings, month: str) -> str:
 @cli.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint path.")
 @click.option("--arch", default=None, help="Override train.arch (e.g. fc_siam_diff for the baseline).")
+@click.option("--resume", is_flag=True, help="Continue the stopped run whose state lies beside the checkpoint.")
 @stage
-def train(settings: Settings, out: Path | None, arch: str | None) -> str:
+def train(settings: Settings, out: Path | None, arch: str | None, resume: bool) -> str:
     """Train the change-detection network (a deliberate step; the monthly run never retrains)."""
     from pipeline.train import train as run_training
 
@@ -250,7 +251,7 @@ def train(settings: Settings, out: Path | None, arch: str | None) -> str:
         )
         out = out or settings.detect.model.with_name(f"{arch}.pt")
     target = out or settings.detect.model
-    result = run_training(train_settings, target)
+    result = run_training(train_settings, target, resume=resume)
     return f"trained {result.arch} for {result.steps} steps -> {target}"
 
 

@@ -179,7 +179,9 @@ class TrainSettings(_Section):
     in_channels: Literal[3, 4] = 3
     seed: int = 20260401
     steps: int = Field(3000, ge=1)
-    time_limit_min: float | None = Field(None, gt=0)  # stop (and finish the LR schedule) by this time
+    # stop (and finish the LR schedule) by this wall time; None: the schedule runs on steps alone, so a
+    # stopped and resumed run (scarwatch train --resume) equals one long run exactly
+    time_limit_min: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     crop: int = Field(128, ge=32, multiple_of=16)
     lr: float = Field(2e-3, gt=0)
@@ -187,8 +189,18 @@ class TrainSettings(_Section):
     warmup_steps: int = Field(100, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     mix: dict[str, float] = Field(
-        default_factory=lambda: {"santa": 0.25, "erase": 0.2, "paste": 0.25, "nochange": 0.1, "synth": 0.2}
+        default_factory=lambda: {
+            "santa": 0.2,
+            "whu": 0.2,
+            "joplin": 0.05,
+            "erase": 0.15,
+            "paste": 0.15,
+            "nochange": 0.1,
+            "synth": 0.15,
+        }
     )
+    coarsen_p: float = Field(0.3, ge=0, le=1)  # share of samples coarsened to a 0.6-2 m delivery
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on CPU (AMX) and on CUDA
     val_fraction: float = Field(0.2, gt=0, lt=1)  # Santa Rosa share held out by cluster
     split_seed: int = 0
     log_every: int = Field(50, ge=1)
@@ -198,6 +210,7 @@ class TrainSettings(_Section):
     threads: int = Field(2, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: Path | None = None  # fine-tune from this checkpoint
+    max_steps_this_run: int | None = Field(None, ge=1)  # stop after this many steps (resume later)
 
 
 class EvaluateSettings(_Section):

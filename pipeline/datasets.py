@@ -9,7 +9,16 @@ Sources (all real imagery except the demo town):
 * **Copy-paste** ("house on soil"): real building instances cut by their footprints from pre images and
   pasted, with a cast shadow, onto ground elsewhere; the label is the pasted footprints.
 * **No change**: one crop twice, with independent radiometric jitter.
-* **Demo town**: ``pipeline.synth.training_pair`` when that module exists.
+* **WHU-CD** (``whu-cd``, 0.3 m, Christchurch): new buildings on cleared or green plots. Split by
+  location: the ``ucdscm_*`` tiling trains, the ``lgpnet_*`` tiling validates (:func:`whu_split`).
+* **Joplin** (``xbd-joplin``, about 0.55 m): pre → post destroyed buildings, a second disaster and city.
+* **Demo town**: ``pipeline.synth.training_pair``.
+
+Pixel size: the network works at :data:`NATIVE_GSD_M` (0.5 m). Every real source is resampled to it when
+it is read (WHU 0.3 m → 0.5 m), as detect resamples a delivery that is finer or coarser. To cover
+deliveries of 0.3-2 m (aerial orthophotos, GF-2/GF-1 scenes), a share of the samples is *coarsened*:
+both epochs (or only one, for mixed sensors) are averaged down to a pixel of 0.6-2 m and resampled
+back to 0.5 m, which is exactly what inference sees for a coarse delivery (:func:`coarsen`).
 
 Every sample is ``(images uint8 (2, 3, s, s) as [a, b], labels uint8 (2, s, s) as [new, removed],
 weight bool (s, s))`` where ``weight`` is False on invalid pixels and on ignored rings. The data is read
@@ -18,13 +27,12 @@ from ``paths.shared`` at run time and never copied.
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +42,11 @@ from pipeline.errors import InputError, MissingInputError
 log = logging.getLogger(__name__)
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+#: The pixel size (metres) the network is trained at; recorded in every checkpoint (``native_gsd_m``).
+NATIVE_GSD_M = 0.5
+#: Pixel size of each real source as delivered (metres). xBD Joplin is WorldView-2 at about 0.5-0.6 m.
+SOURCE_GSD_M = {"whu-cd": 0.3, "xbd-joplin": 0.55, "levir-dev": 0.5, "xbd-santa-rosa": 0.5}
 
 
 @dataclass
@@ -157,37 +170,131 @@ def split_clusters(root: Path, val_fraction: float, seed: int) -> tuple[list[str
 
 def load_levir(root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Read the ``levir-dev`` pairs: ``(name, images uint8 (2, 3, h, w) [A, B], label bool (h, w))``."""
-    from PIL import Image
-
-    label_dir = root / "label"
-    if not label_dir.is_dir():
-        raise MissingInputError(f"{label_dir}: not found; set paths.shared to the shared data folder")
-    out = []
-    for path in sorted(label_dir.glob("*.png")):
-        a = np.asarray(Image.open(root / "A" / path.name).convert("RGB")).transpose(2, 0, 1)
-        b = np.asarray(Image.open(root / "B" / path.name).convert("RGB")).transpose(2, 0, 1)
-        out.append((path.stem, np.stack([a, b]), np.asarray(Image.open(path)) > 127))
-    return out
-
-
-def synth_pair_fn() -> Callable[..., tuple[np.ndarray, np.ndarray]] | None:
-    """Return ``pipeline.synth.training_pair`` if the demo-town module provides it, else None."""
-    try:
-        mod = importlib.import_module("pipeline.synth")
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available yet"
-        log.debug("pipeline.synth not importable: %r", exc)
-        return None
-    fn = getattr(mod, "training_pair", None)
-    return fn if callable(fn) else None
+    return [(p.name, p.images, p.change) for p in load_png_pairs(root, "new")]
 
 
 def demo_pairs(n: int, seed: int, size: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` demo-town pairs from a fixed seed (validation), or [] when synth is not available."""
-    fn = synth_pair_fn()
-    if fn is None:
-        return []
+    """``n`` demo-town pairs ``(images uint8 (2, 3, s, s), labels (2, s, s))`` from a fixed seed."""
+    from pipeline.synth.training import training_pair
+
     rng = np.random.default_rng(seed)
-    return [fn(rng, size=size) for _ in range(n)]
+    return [training_pair(rng, size=size) for _ in range(n)]
+
+
+@dataclass
+class RealPair:
+    """One labelled real image pair in memory, resampled to :data:`NATIVE_GSD_M`.
+
+    Attributes:
+        dataset: the shared-data folder it came from (``whu-cd``, ``xbd-joplin``, ``levir-dev``).
+        name: the file stem.
+        images: uint8 (2, 3, h, w) as [earlier, later].
+        change: bool (h, w), the change label.
+        valid: bool (h, w).
+        kind: what the label is when read earlier → later: ``"new"`` or ``"removed"``.
+    """
+
+    dataset: str
+    name: str
+    images: np.ndarray
+    change: np.ndarray
+    valid: np.ndarray
+    kind: Literal["new", "removed"]
+
+
+def resample_to(image: np.ndarray, shape: tuple[int, int], *, label: bool = False) -> np.ndarray:
+    """Resample a (c, h, w) uint8 image or an (h, w) bool label to ``shape`` (h, w).
+
+    Images use PIL's box filter going down (area averaging, as a coarser sensor integrates) and bilinear
+    going up; labels are resampled as their area fraction and thresholded at one half.
+    """
+    from PIL import Image
+
+    h, w = shape
+    if label:
+        frac = Image.fromarray(image.astype(np.float32)).resize((w, h), Image.Resampling.BOX)
+        return np.asarray(frac) >= 0.5
+    down = h < image.shape[-2]
+    method = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
+    return np.stack([np.asarray(Image.fromarray(band).resize((w, h), method)) for band in image])
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found; set train.data / evaluate.data to the shared data folder")
+    return np.asarray(Image.open(path))
+
+
+def load_png_pairs(
+    root: Path,
+    kind: Literal["new", "removed"],
+    *,
+    names: list[str] | None = None,
+    label_dir: str = "label",
+    gsd_m: float | None = None,
+) -> list[RealPair]:
+    """Read ``A/``, ``B/`` and ``<label_dir>/`` PNG pairs (LEVIR-CD, WHU-CD and xBD-Joplin layout).
+
+    Args:
+        root: the data set folder.
+        kind: what the label marks when read A → B.
+        names: file stems to read (default: every label).
+        label_dir: the label folder (Joplin also has ``label_destroyed_or_major``).
+        gsd_m: the source pixel size; default :data:`SOURCE_GSD_M` of the folder name. Pairs are
+            resampled to :data:`NATIVE_GSD_M` when it differs by more than 5 %.
+
+    Returns:
+        The pairs, sorted by name.
+
+    Raises:
+        MissingInputError: the label folder or a file is missing.
+    """
+    labels = root / label_dir
+    if not labels.is_dir():
+        raise MissingInputError(f"{labels}: not found; set train.data / evaluate.data to the shared data folder")
+    gsd = gsd_m if gsd_m is not None else SOURCE_GSD_M.get(root.name, NATIVE_GSD_M)
+    out = []
+    for path in sorted(labels.glob("*.png")):
+        if names is not None and path.stem not in names:
+            continue
+        a = _read_png(root / "A" / path.name)[..., :3].transpose(2, 0, 1)
+        b = _read_png(root / "B" / path.name)[..., :3].transpose(2, 0, 1)
+        change = _read_png(path) > 127
+        if change.ndim == 3:
+            change = change[..., 0]
+        if abs(gsd / NATIVE_GSD_M - 1) > 0.05:
+            h, w = change.shape
+            shape = (int(round(h * gsd / NATIVE_GSD_M)), int(round(w * gsd / NATIVE_GSD_M)))
+            a, b = resample_to(a, shape), resample_to(b, shape)
+            change = resample_to(change, shape, label=True)
+        valid = np.ones(change.shape, bool)
+        out.append(RealPair(root.name, path.stem, np.stack([a, b]), change, valid, kind))
+    return out
+
+
+def whu_split(root: Path) -> tuple[list[str], list[str]]:
+    """Split the WHU-CD pairs by location: ``(train names, validation names)``.
+
+    The shared WHU-CD pairs are two tilings of one Christchurch scene (``ucdscm_*``, 1024², and
+    ``lgpnet_*``, 512²) that may overlap, so a whole tiling stays on one side: ``ucdscm_*`` trains
+    (3 pairs, 3.1 Mpx, among them an empty field that becomes a subdivision) and ``lgpnet_*`` validates
+    (8 pairs from 8 places, more independent scenes for a steadier score). Normalised cross-correlation
+    of every ``lgpnet`` tile against every ``ucdscm`` tile peaked at 0.43 (4× decimated, partial overlap
+    allowed): no overlap was found, and the split would hold if there were one.
+    """
+    names = sorted(p.stem for p in (root / "label").glob("*.png"))
+    if not names:
+        raise MissingInputError(f"{root / 'label'}: no WHU-CD labels; set train.data to the shared data folder")
+    return [n for n in names if not n.startswith("lgpnet_")], [n for n in names if n.startswith("lgpnet_")]
+
+
+def coarsen(image: np.ndarray, factor: float) -> np.ndarray:
+    """A (c, h, w) uint8 image as a sensor ``factor`` times coarser delivers it, resampled back to (h, w)."""
+    h, w = image.shape[-2:]
+    small = (max(1, int(round(h / factor))), max(1, int(round(w / factor))))
+    return resample_to(resample_to(image, small), (h, w))
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -256,12 +363,20 @@ def _crop_origin(
 class TrainingSampler:
     """Draws augmented training samples from a mix of sources.
 
+    The sampler is a deterministic function of its generator's state: :meth:`state` and
+    :meth:`set_state` capture and restore it, so a resumed run draws exactly the batches an
+    uninterrupted run would have drawn.
+
     Args:
         tiles: the Santa Rosa training tiles.
-        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``synth``.
+        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``synth``
+            and one per entry of ``pairs`` (``whu``, ``joplin``).
         rng: the random generator (seeded by the caller).
+        pairs: other labelled real pairs by source name, at the native pixel size.
         max_shift: largest shift, in pixels, between the two epochs.
         scale_range: range of the random rescale (applied to half of the samples).
+        coarsen_p: share of samples coarsened to a pixel of ``coarsen_range`` metres (:func:`coarsen`).
+        coarsen_range: delivery pixel sizes simulated, metres.
     """
 
     def __init__(
@@ -270,17 +385,22 @@ class TrainingSampler:
         weights: dict[str, float],
         rng: np.random.Generator,
         *,
+        pairs: dict[str, list[RealPair]] | None = None,
         max_shift: int = 3,
-        scale_range: tuple[float, float] = (0.6, 1.6),
+        scale_range: tuple[float, float] = (0.8, 1.25),
+        coarsen_p: float = 0.0,
+        coarsen_range: tuple[float, float] = (0.6, 2.0),
     ) -> None:
         if not tiles:
             raise InputError("no Santa Rosa training tiles; check train.val_fraction and paths.shared")
         self.tiles = tiles
         self.weights = dict(weights)
         self.rng = rng
+        self.pairs = {k: v for k, v in (pairs or {}).items() if v}
         self.max_shift = max_shift
         self.scale_range = scale_range
-        self._synth_fn = synth_pair_fn()
+        self.coarsen_p = coarsen_p
+        self.coarsen_range = coarsen_range
         self.changed = [t for t in tiles if t.change.any()]
         self.with_buildings = [t for t in tiles if t.boxes]
         self.counts: dict[str, int] = {k: 0 for k in weights}
@@ -291,20 +411,23 @@ class TrainingSampler:
             "nochange": self._nochange,
             "synth": self._synth_pair,
         }
+        for name in self.pairs:
+            self._sources[name] = lambda size, name=name: self._real(name, size)
         unknown = sorted(set(weights) - set(self._sources))
         if unknown:
             raise ValueError(f"unknown training sources {unknown!r}; valid: {sorted(self._sources)!r}")
 
-    def refresh_synth(self) -> bool:
-        """Look for ``pipeline.synth.training_pair`` again (it may appear while training runs)."""
-        if self._synth_fn is None:
-            self._synth_fn = synth_pair_fn()
-            if self._synth_fn is not None:
-                log.info("pipeline.synth.training_pair found: demo-town pairs join the mix")
-        return self._synth_fn is not None
+    def state(self) -> dict[str, Any]:
+        """The generator state and source counts (JSON-like), for :meth:`set_state`."""
+        return {"rng": self.rng.bit_generator.state, "counts": dict(self.counts)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.rng.bit_generator.state = state["rng"]
+        self.counts = dict(state["counts"])
 
     def _source(self) -> str:
-        names = [k for k, v in self.weights.items() if v > 0 and (k != "synth" or self._synth_fn is not None)]
+        names = [k for k, v in self.weights.items() if v > 0]
         p = np.array([self.weights[k] for k in names], dtype=np.float64)
         return str(self.rng.choice(names, p=p / p.sum()))
 
@@ -314,25 +437,52 @@ class TrainingSampler:
         src = self._source()
         scale = rng.uniform(*self.scale_range) if rng.random() < 0.5 else 1.0
         raw = max(32, int(round(size * scale)))
-        try:
-            images, labels, weight = self._sources[src](raw)
-        except Exception as exc:  # noqa: BLE001 - a broken synth module must not stop a long training run
-            if src != "synth":
-                raise
-            log.warning("pipeline.synth.training_pair failed (%r); dropping demo pairs from the mix", exc)
-            self._synth_fn = None
-            self.weights["synth"] = 0.0
-            images, labels, weight = self._santa(raw)
-            src = "santa"
+        images, labels, weight = self._sources[src](raw)
         self.counts[src] = self.counts.get(src, 0) + 1
         if raw != size:
             images = _resize(images.astype(np.float32), size, order=1)
             labels = _resize(labels, size, order=0)
             weight = _resize(weight.astype(np.uint8), size, order=0) > 0
         images, labels, weight = _geometric([images, labels, weight], rng)
+        images = np.clip(images, 0, 255).astype(np.uint8)
+        if self.coarsen_p > 0 and rng.random() < self.coarsen_p:
+            lo, hi = (np.log(g / NATIVE_GSD_M) for g in self.coarsen_range)
+            f = float(np.exp(rng.uniform(lo, hi)))
+            both = rng.random() < 0.7  # mostly one sensor for both epochs; sometimes aerial vs satellite
+            k = int(rng.integers(2))
+            images = np.stack([coarsen(im, f) if both or i == k else im for i, im in enumerate(images)])
         a = _jitter(images[0].astype(np.float32) / 255.0, rng)
         b = _jitter(images[1].astype(np.float32) / 255.0, rng)
         return np.stack([a, b]), labels.astype(np.float32), weight.astype(bool)
+
+    def _real(self, name: str, size: int) -> Sample:
+        """A crop of a labelled real pair (centred on change 75 % of the time), in a random direction."""
+        rng = self.rng
+        pairs = self.pairs[name]
+        pair = pairs[int(rng.integers(len(pairs)))]
+        h, w = pair.change.shape
+        if size > min(h, w):
+            size = min(h, w)
+        center = None
+        if pair.change.any() and rng.random() < 0.75:
+            ys, xs = np.nonzero(pair.change[::4, ::4])
+            i = int(rng.integers(len(ys)))
+            center = (int(ys[i]) * 4, int(xs[i]) * 4)
+        y, x = _crop_origin(h, w, size, rng, center)
+        s = self.max_shift
+        dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
+        y2, x2 = int(np.clip(y + dy, 0, h - size)), int(np.clip(x + dx, 0, w - size))
+        first = pair.images[0][:, y : y + size, x : x + size]
+        second = pair.images[1][:, y2 : y2 + size, x2 : x2 + size]
+        valid = pair.valid[y : y + size, x : x + size] & pair.valid[y2 : y2 + size, x2 : x2 + size]
+        change = pair.change[y2 : y2 + size, x2 : x2 + size].astype(np.uint8)
+        zero = np.zeros_like(change)
+        forward = rng.random() < 0.5
+        k = 0 if pair.kind == "new" else 1  # the label's channel when read earlier -> later
+        labels = [zero, zero]
+        labels[k if forward else 1 - k] = change
+        imgs = np.stack([first, second]) if forward else np.stack([second, first])
+        return imgs, np.stack(labels), valid
 
     # each source returns (images uint8 (2, 3, s, s), labels uint8 (2, s, s), weight bool (s, s))
 
@@ -491,8 +641,9 @@ class TrainingSampler:
         return np.stack([pasted, ground_u8]), np.stack([zero, lab]), weight
 
     def _synth_pair(self, size: int) -> Sample:
-        fn: Any = self._synth_fn
-        images, labels = fn(self.rng, size=size)
+        from pipeline.synth.training import training_pair
+
+        images, labels = training_pair(self.rng, size=size)
         images = np.asarray(images, dtype=np.uint8)[:, :3]
         labels = (np.asarray(labels) > 0).astype(np.uint8)
         return images, labels, np.ones((size, size), bool)

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import math
+import platform
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +34,20 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings, load_settings
-from pipeline.datasets import TrainingSampler, demo_pairs, load_levir, load_santa_rosa, split_clusters
+from pipeline.datasets import (
+    NATIVE_GSD_M,
+    RealPair,
+    TrainingSampler,
+    demo_pairs,
+    load_levir,
+    load_png_pairs,
+    load_santa_rosa,
+    split_clusters,
+    whu_split,
+)
 from pipeline.errors import ModelError
 from pipeline.evaluate import Scores, pixel_scores, pool
+from pipeline.fileio import atomic_path
 from pipeline.nets import create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
 
@@ -115,8 +130,9 @@ def lr_factor(progress: float, warmup: float, floor: float = 0.02) -> float:
 class QuickValidation:
     """A small fixed validation set scored during training (pixel F1 at p >= 0.5).
 
-    Santa Rosa held-out crops (256², forward: removed), the ``levir-dev`` pairs (new) and demo-town pairs
-    when available. The score is ``0.4 levir + 0.4 demo + 0.2 santa`` over the sets present.
+    Santa Rosa held-out crops (256², forward: removed), the ``levir-dev`` pairs (new), the WHU-CD
+    validation tiling (new) and demo-town pairs. The score is the :data:`QUICK_WEIGHTS` mean over the
+    sets present.
     """
 
     def __init__(self, data: Path, val_ids: list[str], seed: int, size: int = 256, n_santa: int = 24) -> None:
@@ -140,13 +156,18 @@ class QuickValidation:
             santa.append((imgs, tile.change[sl], tile.valid[sl], 1))
         self.sets["santa-rosa"] = santa
         self.sets["levir-dev"] = [(im, lab, np.ones_like(lab), 0) for _, im, lab in load_levir(data / "levir-dev")]
+        whu_root = data / "whu-cd"
+        if whu_root.is_dir():
+            _, whu_val = whu_split(whu_root)
+            self.sets["whu-cd"] = [
+                (p.images, p.change, p.valid, 0) for p in load_png_pairs(whu_root, "new", names=whu_val)
+            ]
         demo = []
         for im, lab in demo_pairs(8, seed + 1, size):
             for k in (0, 1):
                 if lab[k].any():
                     demo.append((im, lab[k] > 0, np.ones(lab.shape[1:], bool), k))
-        if demo:
-            self.sets["demo-town"] = demo
+        self.sets["demo-town"] = demo
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module, device: torch.device) -> dict[str, float]:
@@ -157,38 +178,142 @@ class QuickValidation:
         for name, items in self.sets.items():
             scores: list[Scores] = []
             for imgs, lab, valid, k in items:
-                x = torch.from_numpy(imgs[None].astype(np.float32) / 255.0).to(device)
-                p = torch.sigmoid(module(x))[0, k].cpu().numpy()
+                padded, h, w = pad16(imgs)
+                x = torch.from_numpy(padded[None].astype(np.float32) / 255.0).to(device)
+                p = torch.sigmoid(module(x))[0, k, :h, :w].cpu().numpy()
                 scores.append(pixel_scores(p >= 0.5, lab, valid))
             out[name] = round(pool(scores).f1, 4)
-        weights = {"levir-dev": 0.4, "demo-town": 0.4, "santa-rosa": 0.2}
-        present = {k: v for k, v in weights.items() if k in out}
+        present = {k: v for k, v in QUICK_WEIGHTS.items() if k in out}
         out["score"] = round(sum(out[k] * v for k, v in present.items()) / sum(present.values()), 4)
         module.train(was_training)
         return out
 
 
-def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
+#: Weights of the quick-validation score (the real new-construction sets weigh most).
+QUICK_WEIGHTS = {"levir-dev": 0.3, "whu-cd": 0.3, "demo-town": 0.2, "santa-rosa": 0.2}
+
+
+def pad16(images: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Reflection-pad the last two axes to multiples of 16; returns the padded array and the old h, w."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % 16, (-w) % 16
+    if ph or pw:
+        pad = [(0, 0)] * (images.ndim - 2) + [(0, ph), (0, pw)]
+        images = np.pad(images, pad, mode="reflect")
+    return images, h, w
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision).
+
+    ``auto`` is bf16 on both CPU (AMX: about 2× the fp32 step here, ``benchmarks``) and CUDA; ``fp16``
+    needs CUDA and a gradient scaler.
+    """
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ModelError("train.amp is 'fp16' but training runs on the CPU; use bf16, auto or off")
+        return torch.float16
+    return torch.bfloat16
+
+
+class Prefetcher:
+    """Draws training batches on a background thread, in order, while the network trains.
+
+    Each item is ``(batch, sampler state after drawing it)``; saving the state that came with the last
+    batch consumed lets a resumed run draw exactly the next batch an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, sampler: TrainingSampler, batch_size: int, crop: int, depth: int = 2) -> None:
+        self._queue: queue.Queue[tuple[Any, dict[str, Any]] | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(sampler, batch_size, crop), name="train-sampler", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sampler: TrainingSampler, batch_size: int, crop: int) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (sampler.batch(batch_size, crop), copy.deepcopy(sampler.state()))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # noqa: BLE001 - handed to the training loop, which re-raises it
+            self._queue.put(exc)
+
+    def next(self) -> tuple[Any, dict[str, Any]]:
+        """The next batch and the sampler state after it."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (batches already drawn are dropped)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def resume_path(out_path: Path) -> Path:
+    """Where a run writing ``out_path`` keeps its resumable training state."""
+    return out_path.with_name(out_path.stem + ".resume.pt")
+
+
+#: Settings a resumed run may change (they do not alter the batches or the update rule).
+RESUMABLE_CHANGES = {"time_limit_min", "max_steps_this_run", "threads", "log_every", "val_every", "checkpoint_every"}
+
+
+def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelError(f"{path}: no training state to resume; start the run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    before = json.loads(state["settings"])
+    now = json.loads(settings.model_dump_json())
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ModelError(
+            f"{path}: train settings {changed!r} differ from the run being resumed; restore them in params.yaml "
+            "or start a new run (train.init_from the checkpoint)"
+        )
+    return state
+
+
+def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False) -> TrainResult:
     """Train ``settings.arch`` and write its checkpoint to ``out_path``.
+
+    Every ``checkpoint_every`` steps (and when the run stops) the checkpoint and the resumable state
+    (:func:`resume_path`: weights, optimiser, step, sampler and torch generator states, loss window, wall
+    time so far) are written. ``resume=True`` continues from that state; with the step schedule
+    (``time_limit_min`` None) a run stopped and resumed any number of times ends with the same weights
+    as one uninterrupted run.
 
     Args:
         settings: the ``train`` section of params.yaml.
         out_path: the checkpoint to write (also written every ``checkpoint_every`` steps).
+        resume: continue the run whose state is beside ``out_path``.
 
     Returns:
-        The run's summary.
+        The run's summary (``steps`` counts every step of the run, across resumes; ``wall_s`` this run's).
 
     Raises:
-        ModelError: unknown architecture, a bad ``init_from`` checkpoint or CUDA asked for but absent.
+        ModelError: unknown architecture, a bad ``init_from`` checkpoint, CUDA asked for but absent, or a
+            resume whose settings differ from the stopped run's.
         MissingInputError: the shared data is not at ``settings.data``.
     """
     out_path = Path(out_path)
+    state_path = resume_path(out_path)
+    saved = _load_resume(state_path, settings) if resume else None
     seed_everything(settings.seed)
     device = pick_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(settings.threads)
     module = create_model(settings.arch, in_channels=settings.in_channels, **settings.arch_kwargs)
-    if settings.init_from is not None:
+    if settings.init_from is not None and saved is None:
         init = ChangeModel.load(settings.init_from)
         if init.arch != settings.arch:
             raise ModelError(
@@ -196,20 +321,30 @@ def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
                 f"{settings.arch!r} checkpoint"
             )
         module.load_state_dict(init.module.state_dict())
+    if saved is not None:
+        module.load_state_dict(saved["model"])
     module = module.to(device).to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in module.parameters())
-    log.info("training %s (%d parameters) on %s", settings.arch, n_params, device)
+    amp_dtype = autocast_dtype(settings.amp, device)
+    log.info("training %s (%d parameters) on %s, autocast %s", settings.arch, n_params, device, amp_dtype)
 
     santa_root = settings.data / "xbd-santa-rosa"
     train_ids, val_ids = split_clusters(santa_root, settings.val_fraction, settings.split_seed)
     log.info("Santa Rosa split (seed %d): %d train tiles, held out %r", settings.split_seed, len(train_ids), val_ids)
+    pairs: dict[str, list[RealPair]] = {}
+    if settings.mix.get("whu", 0) > 0:
+        whu_train, _ = whu_split(settings.data / "whu-cd")
+        pairs["whu"] = load_png_pairs(settings.data / "whu-cd", "new", names=whu_train)
+    if settings.mix.get("joplin", 0) > 0:
+        pairs["joplin"] = load_png_pairs(settings.data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
     rng = np.random.default_rng(settings.seed)
-    sampler = TrainingSampler(load_santa_rosa(santa_root, train_ids), dict(settings.mix), rng)
+    sampler = TrainingSampler(
+        load_santa_rosa(santa_root, train_ids), dict(settings.mix), rng, pairs=pairs, coarsen_p=settings.coarsen_p
+    )
     quick = QuickValidation(settings.data, val_ids, seed=settings.split_seed + 1)
 
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     warmup = settings.warmup_steps / settings.steps
     settings.log_path.parent.mkdir(parents=True, exist_ok=True)
     meta_base: dict[str, Any] = {
@@ -217,13 +352,27 @@ def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
         "train": json.loads(settings.model_dump_json()),
         "val_ids": val_ids,
         "parameters": n_params,
+        "native_gsd_m": NATIVE_GSD_M,
     }
     best_path = out_path.with_name(out_path.stem + ".best.pt")
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     best: float | None = None
-    start = time.monotonic()
     step = 0
+    wall_before = 0.0
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        sampler.set_state(json.loads(saved["sampler"]))
+        torch.set_rng_state(saved["torch_rng"])
+        step, wall_before = int(saved["step"]), float(saved["wall_s"])
+        losses = list(saved["losses"])
+        best = saved["best"]
+        log.info("resuming %s at step %d (%.0f s trained before)", out_path, step, wall_before)
+    start = time.monotonic()
+    run_steps = 0
+    prefetch = Prefetcher(sampler, settings.batch_size, settings.crop)
+    sampler_state = sampler.state()
     module.train()
     with settings.log_path.open("a", encoding="utf-8") as log_file:
 
@@ -237,72 +386,111 @@ def train(settings: TrainSettings, out_path: str | Path) -> TrainResult:
                 path, module, settings.arch, settings.in_channels, settings.arch_kwargs, {**meta_base, **meta}
             )
 
+        def save_state() -> None:
+            payload = {
+                "settings": settings.model_dump_json(),
+                "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "sampler": json.dumps(sampler_state),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "wall_s": wall_before + time.monotonic() - start,
+                "losses": losses[-settings.log_every :],
+                "best": best,
+            }
+            with atomic_path(state_path) as tmp:
+                torch.save(payload, tmp)
+
         record(
             {
-                "event": "start",
+                "event": "resume" if saved is not None else "start",
+                "step": step,
                 "arch": settings.arch,
                 "parameters": n_params,
                 "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "threads": torch.get_num_threads(),
+                "amp": str(amp_dtype),
                 "out": str(out_path),
                 "val_ids": val_ids,
                 "settings": meta_base["train"],
             }
         )
-        while True:
-            elapsed = time.monotonic() - start
-            progress = step / settings.steps
-            if settings.time_limit_min is not None:
-                progress = max(progress, elapsed / (settings.time_limit_min * 60))
-            if progress >= 1.0:
-                break
-            lr = settings.lr * lr_factor(progress, warmup)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            images, labels, weight = sampler.batch(settings.batch_size, settings.crop)
-            x = torch.from_numpy(images).to(device, non_blocking=True)
-            y = torch.from_numpy(labels).to(device, non_blocking=True)
-            w = torch.from_numpy(weight).to(device, non_blocking=True)
-            ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-            with ctx:
-                logits = module(x)
-            loss = masked_bce_dice(logits, y, w, settings.dice_weight)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % settings.log_every == 0:
-                rec = {
-                    "event": "train",
-                    "step": step,
-                    "epoch": step // settings.log_every,
-                    "loss": round(float(np.mean(losses[-settings.log_every :])), 5),
-                    "lr": lr,
-                    "elapsed_s": round(time.monotonic() - start, 1),
-                    "progress": round(progress, 4),
-                    "mix": dict(sampler.counts),
-                }
-                record(rec)
-                log.info("step %d loss %.4f lr %.2e %.0fs", step, rec["loss"], lr, rec["elapsed_s"])
-            if step % 200 == 0:
-                sampler.refresh_synth()
-            if step % settings.checkpoint_every == 0:
-                save(out_path, steps=step)
-            if step % settings.val_every == 0:
-                val = quick(module, device)
-                record({"event": "val", "step": step, "elapsed_s": round(time.monotonic() - start, 1), **val})
-                log.info("step %d quick validation %r", step, val)
-                if best is None or val["score"] > best:
-                    best = val["score"]
-                    save(best_path, steps=step, quick_val=val)
+        try:
+            while True:
+                elapsed = wall_before + time.monotonic() - start
+                progress = step / settings.steps
+                if settings.time_limit_min is not None:
+                    progress = max(progress, elapsed / (settings.time_limit_min * 60))
+                if progress >= 1.0:
+                    break
+                if settings.max_steps_this_run is not None and run_steps >= settings.max_steps_this_run:
+                    break
+                lr = settings.lr * lr_factor(progress, warmup)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                (images, labels, weight), sampler_state = prefetch.next()
+                x = torch.from_numpy(images).to(device, non_blocking=True)
+                y = torch.from_numpy(labels).to(device, non_blocking=True)
+                w = torch.from_numpy(weight).to(device, non_blocking=True)
+                ctx = (
+                    torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+                )
+                with ctx:
+                    logits = module(x)
+                loss = masked_bce_dice(logits, y, w, settings.dice_weight)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                losses = losses[-settings.log_every :]
+                step += 1
+                run_steps += 1
+                if step % settings.log_every == 0:
+                    rec = {
+                        "event": "train",
+                        "step": step,
+                        "loss": round(float(np.mean(losses)), 5),
+                        "lr": lr,
+                        "elapsed_s": round(wall_before + time.monotonic() - start, 1),
+                        "progress": round(progress, 4),
+                        "mix": dict(sampler_state["counts"]),
+                    }
+                    record(rec)
+                    log.info("step %d loss %.4f lr %.2e %.0fs", step, rec["loss"], lr, rec["elapsed_s"])
+                if step % settings.val_every == 0:
+                    val = quick(module, device)
+                    record({"event": "val", "step": step, "elapsed_s": round(time.monotonic() - start, 1), **val})
+                    log.info("step %d quick validation %r", step, val)
+                    if best is None or val["score"] > best:
+                        best = val["score"]
+                        save(best_path, steps=step, quick_val=val)
+                if step % settings.checkpoint_every == 0:
+                    save(out_path, steps=step)
+                    save_state()
+        finally:
+            prefetch.close()
         wall = time.monotonic() - start
+        finished = progress >= 1.0
         val = quick(module, device)
         record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
-        save(out_path, steps=step, wall_s=round(wall, 1), quick_val=val)
-        final = float(np.mean(losses[-settings.log_every :])) if losses else float("nan")
-        record({"event": "end", "step": step, "wall_s": round(wall, 1), "final_loss": final, "mix": sampler.counts})
-    log.info("trained %s: %d steps in %.0f s -> %s", settings.arch, step, wall, out_path)
+        save(out_path, steps=step, wall_s=round(wall_before + wall, 1), quick_val=val, finished=finished)
+        save_state()
+        final = float(np.mean(losses)) if losses else float("nan")
+        record(
+            {
+                "event": "end" if finished else "pause",
+                "step": step,
+                "run_steps": run_steps,
+                "wall_s": round(wall, 1),
+                "total_wall_s": round(wall_before + wall, 1),
+                "final_loss": final,
+                "mix": sampler_state["counts"],
+            }
+        )
+    log.info("trained %s: %d steps (%d this run) in %.0f s -> %s", settings.arch, step, run_steps, wall, out_path)
     return TrainResult(out_path, settings.arch, step, wall, final, best, history)
 
 
