@@ -36,7 +36,7 @@ demo: venv
 	@echo "Monthly reports: $$(ls reports/monthly/*.html | tr '\n' ' ')"
 	@echo "Scar ledger    : data/processed/ledger.gpkg (layers events, cases, alerts)"
 	@echo "Demo flags against the demo truth, all months pooled:"
-	@$(BIN)/python -m pipeline.flagcheck reports/metrics 2>/dev/null || echo "  (no demo accuracy: not the demo town)"
+	@$(BIN)/scarwatch -q demo-accuracy
 
 lint: venv
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -50,7 +50,7 @@ def stage(func: F) -> F:
 
         start = time.perf_counter()
         try:
-            settings = load_settings(ctx.obj["params"])
+            settings = load_settings(ctx.obj["params"], ctx.obj.get("overrides"))
             with gdal_env():
                 message = func(settings, *args, **kwargs)
         except ScarWatchError as exc:
@@ -74,14 +74,39 @@ month_option = click.option("--month", "-m", required=True, help="Month to proce
     show_default=True,
     help="Parameters file.",
 )
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one value of the parameters file for this run (the value is read as YAML); repeatable.",
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.pass_context
-def cli(ctx: click.Context, params: Path, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, params: Path, overrides: tuple[str, ...], verbose: int, quiet: bool) -> None:
     """ScarWatch: monthly aerial imagery -> change flags -> scar ledger -> inspector maps and reports."""
     _configure_logging(-1 if quiet else verbose)
     ctx.ensure_object(dict)
     ctx.obj["params"] = params
+    ctx.obj["overrides"] = _parse_overrides(overrides)
+
+
+def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("train.steps=10", ...)`` -> ``{"train.steps": 10}``; values are parsed as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise click.BadParameter(f"{item!r} is not SECTION.KEY=VALUE (e.g. train.steps=3000)", param_hint="--set")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: the value is not valid YAML ({exc})", param_hint="--set") from exc
+    return out
 
 
 @cli.command()
@@ -240,8 +265,12 @@ def report(settings: Settings, month: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the stopped run whose state lies beside the checkpoint.")
 @stage
 def train(settings: Settings, out: Path | None, arch: str | None, resume: bool) -> str:
-    """Train the change-detection network (a deliberate step; the monthly run never retrains)."""
-    from pipeline.train import train as run_training
+    """Train the change-detection network (a deliberate step; the monthly run never retrains).
+
+    The checkpoint goes to --out (default detect.model, or models/<arch>.pt for another --arch); the
+    thresholds are set afterwards by 'scarwatch calibrate'.
+    """
+    from pipeline.model.train import train as run_training
 
     train_settings = settings.train
     if arch is not None and arch != train_settings.arch:
@@ -251,24 +280,46 @@ def train(settings: Settings, out: Path | None, arch: str | None, resume: bool) 
         )
         out = out or settings.detect.model.with_name(f"{arch}.pt")
     target = out or settings.detect.model
-    result = run_training(train_settings, target, resume=resume)
+    result = run_training(train_settings, target, data=settings.paths.shared, resume=resume)
     return f"trained {result.arch} for {result.steps} steps -> {target}"
 
 
 @cli.command()
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to score.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to calibrate.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of over --model."
+)
 @stage
-def evaluate(settings: Settings, model: Path | None) -> str:
-    """Score a checkpoint (and the baselines) on every validation set; write the metrics file."""
-    from pipeline.evaluate import evaluate_model
-    from pipeline.flagcheck import add_flag_check
+def calibrate(settings: Settings, model: Path | None, out: Path | None) -> str:
+    """Choose a checkpoint's pixel and object thresholds on the validation sets and write them into it."""
+    from pipeline.model.calibrate import calibrate_model
+
+    result = calibrate_model(model or settings.detect.model, settings, out=out)
+    return (
+        f"calibrated: threshold {result['threshold']:.2f}, object threshold {result['object_threshold']:.2f} "
+        f"-> {result['out']}"
+    )
+
+
+@cli.command()
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to score.")
+@click.option("--flag-check/--no-flag-check", default=None, help="Run the Santa Rosa flag check (evaluate.flag_check).")
+@stage
+def evaluate(settings: Settings, model: Path | None, flag_check: bool | None) -> str:
+    """Score a checkpoint (and the baselines) on every validation set; write the metrics file and card table.
+
+    Reads the checkpoints only: the thresholds scored are those 'scarwatch calibrate' wrote.
+    """
+    from pipeline.model.evaluate import evaluate_model, write_metrics
 
     checkpoint = model or settings.detect.model
-    metrics = evaluate_model(checkpoint, settings.evaluate)
-    beats = all(metrics.get("shipped_beats_baselines", {}).values())
+    metrics = evaluate_model(checkpoint, settings, flag_check=flag_check)
+    card = settings.evaluate.card if checkpoint == settings.detect.model else None
+    write_metrics(metrics, settings.evaluate.out, card)
+    beats = all(v["beats_all"] for v in metrics.get("shipped_beats_baselines", {}).values())
     flags = ""
-    if settings.evaluate.flag_check:
-        removed = add_flag_check(settings, checkpoint, settings.evaluate.out)["scores"]["removed"]
+    if "flags" in metrics:
+        removed = metrics["flags"]["santa-rosa"]["scores"]["removed"]
         flags = (
             f"; Santa Rosa flags (removed, IoU >= 0.5): P {removed['iou50']['precision']:.2f} "
             f"R {removed['iou50']['recall']:.2f}, centroid hit R {removed['centroid']['recall']:.2f}"
@@ -277,6 +328,28 @@ def evaluate(settings: Settings, model: Path | None) -> str:
         f"evaluated {len(metrics['datasets'])} data sets, shipped net beats the baselines on all: {beats}{flags} "
         f"-> {settings.evaluate.out}"
     )
+
+
+@cli.command("demo-accuracy")
+@click.argument("metrics_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@stage
+def demo_accuracy(settings: Settings, metrics_dir: Path | None) -> str:
+    """The demo town's flags against its truth, all months pooled (from the monthly metrics files)."""
+    from pipeline.model.fieldcheck import demo_accuracy as pooled
+
+    result = pooled(metrics_dir or settings.metrics_dir)
+    lines = []
+    for mode, kinds in result.items():
+        lines.append(f"{mode} ({', '.join(kinds['months'])}):")
+        for kind in ("all", "new", "removed"):
+            s = kinds.get(kind)
+            if s:
+                lines.append(
+                    f"  {kind:8s} TP {s['tp']:4d}  FP {s['fp']:4d}  FN {s['fn']:4d}  "
+                    f"P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}"
+                )
+    click.echo("\n".join(lines))
+    return ""
 
 
 def main() -> None:

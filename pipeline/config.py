@@ -25,7 +25,7 @@ class Paths(_Section):
     interim: Path = Path("data/interim")
     processed: Path = Path("data/processed")
     reports: Path = Path("reports")
-    shared: Path = Path("../shared/data")
+    shared: Path = Path("../shared/data")  # real training/validation data (train, calibrate, evaluate read it)
 
 
 def check_month(value: str) -> str:
@@ -171,9 +171,8 @@ class ReportSettings(_Section):
 
 
 class TrainSettings(_Section):
-    """Training the change network (``scarwatch train``; see pipeline/train.py)."""
+    """Training the change network (``scarwatch train``; see pipeline/model/train.py)."""
 
-    data: Path = Path("../shared/data")  # the shared real data, read at run time, never copied
     arch: str = "scarnet"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     in_channels: Literal[3, 4] = 3
@@ -201,7 +200,7 @@ class TrainSettings(_Section):
     )
     coarsen_p: float = Field(0.3, ge=0, le=1)  # share of samples coarsened to a 0.6-2 m delivery
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on CPU (AMX) and on CUDA
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # Santa Rosa share held out by cluster
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # Santa Rosa share held out by cluster (evaluate uses it too)
     split_seed: int = 0
     log_every: int = Field(50, ge=1)
     val_every: int = Field(300, ge=1)
@@ -214,14 +213,11 @@ class TrainSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    """Scoring checkpoints and baselines on the validation sets (see pipeline/evaluate.py)."""
+    """Calibrating and scoring checkpoints on the validation sets (pipeline/model/calibrate.py, evaluate.py)."""
 
-    data: Path = Path("../shared/data")
     out: Path = Path("models/metrics.json")
     card: Path | None = Path("models/scarnet.md")  # model card to fill with the metrics table
     baselines: tuple[Path, ...] = (Path("models/fc_siam_diff.pt"),)  # trained baselines (CVA always runs)
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # must match train.val_fraction
-    split_seed: int = 0  # must match train.split_seed
     demo_pairs: int = Field(24, ge=0)
     demo_seed: int = 777  # fixed; training draws demo pairs from other seeds
     demo_size: int = Field(256, ge=32, multiple_of=16)
@@ -229,12 +225,10 @@ class EvaluateSettings(_Section):
     min_object_px: int = Field(16, ge=1)  # smaller components are not objects (4 m² at 0.5 m)
     thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # calibration grid
     calibration_weights: dict[str, float] = Field(
-        default_factory=lambda: {"levir-dev": 0.4, "demo-town": 0.4, "santa-rosa": 0.2}
+        default_factory=lambda: {"levir-dev": 0.3, "whu-cd": 0.3, "demo-town": 0.2, "santa-rosa": 0.2}
     )
-    calibrate: bool = True  # write the chosen thresholds into the checkpoint
-    grow: float = Field(0.5, gt=0, lt=1)  # = vectorize.low: objects are calibrated as vectorize builds them
     object_thresholds: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
-    flag_check: bool = True  # run the real pipeline on the held-out Santa Rosa tiles (pipeline/flagcheck.py)
+    flag_check: bool = True  # run the real pipeline on the held-out Santa Rosa tiles (pipeline/model/fieldcheck.py)
 
 
 class Settings(_Section):
@@ -322,9 +316,14 @@ class Settings(_Section):
         """Folder of the monthly reports."""
         return self.paths.reports / "monthly"
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Folder of the monthly metrics files."""
+        return self.paths.reports / "metrics"
+
     def metrics_path(self, month: str) -> Path:
         """Metrics JSON of ``month`` (a DVC metrics file)."""
-        return self.paths.reports / "metrics" / f"{month}.json"
+        return self.metrics_dir / f"{month}.json"
 
     @property
     def all_months(self) -> list[str]:

@@ -47,7 +47,7 @@ from pipeline.maps import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import MatchMode
+    from pipeline.metrics import MatchMode
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str,
         ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}``: one-to-one matches at
         IoU >= 0.5, and flags that cover the true object's centroid.
     """
-    from pipeline.evaluate import object_scores
+    from pipeline.metrics import object_scores
 
     truth = read_layer(Path(truth_path), "changes", ("month", "kind"), stage="demo")
     truth = truth[truth["month"].astype(str) == month]

@@ -18,7 +18,7 @@ context beyond a window are outside that bound (a documented limit, not a silent
 
 Then, per kind, parts that share an edge across window borders are unioned (``unary_union``) into one
 object, its pixel statistics pooled. An object whose mean probability is below ``min_p_mean`` (default:
-the model's calibrated object threshold, COG tag ``object_threshold``; see :mod:`pipeline.flagcheck`) is
+the model's calibrated object threshold, COG tag ``object_threshold``; see :mod:`pipeline.model.calibrate`) is
 dropped: the network is often sure of a shadow edge but not of a whole blob. Each object loses its
 holes, is dropped below ``min_area_m2``, is regularised or simplified, and slivers narrower than
 ``sliver_m`` are dropped:
@@ -96,7 +96,7 @@ def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> Vec
     """Settings with a concrete ``high`` and ``min_p_mean``: params first, else the detector's calibration.
 
     The probability COG carries the thresholds the model was calibrated at (tags ``threshold`` and
-    ``object_threshold``, see :mod:`pipeline.flagcheck`); seeding and keeping objects there keeps vectorize
+    ``object_threshold``, see :mod:`pipeline.model.calibrate`); seeding and keeping objects there keeps vectorize
     consistent with the model card. ``low`` never exceeds ``high``; without a calibrated object threshold
     every seeded object is kept (``min_p_mean`` 0).
     """
@@ -405,7 +405,7 @@ def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month:
 
     Per kind and for both kinds pooled (``all``): one-to-one matches at IoU >= 0.5 (``iou50``) and
     matches where the flag covers the true object's centroid (``centroid``), via
-    :func:`pipeline.evaluate.object_scores`.
+    :func:`pipeline.metrics.object_scores`.
 
     Args:
         flags_gdf: flags (``month``, ``kind``, geometry), as from :func:`vectorize_month`.
@@ -419,7 +419,7 @@ def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month:
         InputError: a table lacks ``month`` or ``kind``.
         CRSError: either table has no CRS.
     """
-    from pipeline.evaluate import object_scores
+    from pipeline.metrics import object_scores
 
     for name, table in (("flags", flags_gdf), ("truth", truth_gdf)):
         missing = {"month", "kind"} - set(table.columns)

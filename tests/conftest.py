@@ -66,6 +66,17 @@ def textured(shape: Sequence[int], seed: int = 0, bands: int = 3) -> np.ndarray:
     return np.clip(out + 128, 1, 255).astype("uint8")
 
 
+@pytest.fixture(scope="session")
+def fake_shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded fake of ../shared/data in the real layouts (tests/data/fake_shared.py)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    from fake_shared import write_fake_shared
+
+    return write_fake_shared(tmp_path_factory.mktemp("fake-shared"))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data, or skip the test when it is absent."""

@@ -1,4 +1,5 @@
-"""Training pieces: the masked loss, the schedule, the sampler, the split, and that loss goes down."""
+"""Training pieces: the masked loss, the schedule, the data readers and sampler, the split, that loss goes
+down, and that a stopped and resumed run equals one long run (on the fake shared-data tree)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ import torch
 from scipy import ndimage
 
 from pipeline.config import TrainSettings
-from pipeline.datasets import SantaRosaTile, TrainingSampler, load_levir, split_clusters
 from pipeline.errors import ModelError
+from pipeline.model.data import (
+    NATIVE_GSD_M,
+    RealPair,
+    SantaRosaTile,
+    coarsen,
+    load_levir,
+    load_png_pairs,
+    split_clusters,
+    whu_split,
+)
+from pipeline.model.sampler import TrainingSampler
+from pipeline.model.train import lr_factor, masked_bce_dice, pick_device, seed_everything
 from pipeline.nets import create_model
-from pipeline.train import lr_factor, masked_bce_dice, pick_device, seed_everything
 
 torch.set_num_threads(1)
 
@@ -144,3 +155,130 @@ def test_levir_reads_pairs(shared_data: Path) -> None:
     assert len(pairs) == 4
     name, images, label = pairs[0]
     assert images.shape == (2, 3, 256, 256) and images.dtype == np.uint8 and label.dtype == bool
+
+
+def _real_pair(kind: str) -> RealPair:
+    """A pair whose labelled roofs are standing in the later image ("new") or the earlier one ("removed")."""
+    tile = fake_tile(3)
+    images = np.stack([tile.post, tile.pre] if kind == "new" else [tile.pre, tile.post])
+    return RealPair("fake", "p", images, tile.change, tile.valid, kind)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "forward_channel"), [("new", 0), ("removed", 1)])
+def test_real_pair_source_labels_the_right_direction(kind: str, forward_channel: int) -> None:
+    sampler = TrainingSampler([fake_tile(0)], {"whu": 1.0}, np.random.default_rng(1), pairs={"whu": [_real_pair(kind)]})
+    seen = set()
+    for _ in range(12):
+        images, labels, _ = sampler._real("whu", 64)
+        assert images.shape == (2, 3, 64, 64) and labels.shape == (2, 64, 64)
+        assert (labels[0] * labels[1]).sum() == 0
+        # the labelled structure is dark (burnt, 40) where it is absent and bright (210) where it stands
+        for k in (0, 1):
+            if labels[k].any():
+                seen.add(k)
+                later, earlier = (images[1], images[0]) if k == 0 else (images[0], images[1])
+                m = labels[k] > 0
+                assert earlier[:, m].mean() < later[:, m].mean()
+    assert seen == {0, 1}  # both readings occur; "new" read backwards is "removed"
+    assert forward_channel in seen
+
+
+def test_coarsen_keeps_the_shape_and_loses_detail() -> None:
+    rng = np.random.default_rng(0)
+    img = (rng.random((3, 64, 64)) * 255).astype(np.uint8)
+    out = coarsen(img, 4.0)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert abs(float(out.mean()) - float(img.mean())) < 3  # area averaging keeps the brightness
+    assert out.std() < 0.5 * img.std()  # and loses the pixel-scale texture
+    np.testing.assert_array_equal(coarsen(img, 1.0), img)
+
+
+def test_sampler_coarsens_a_share_of_the_samples() -> None:
+    tiles = [fake_tile(0)]
+    sharp = TrainingSampler(tiles, {"nochange": 1.0}, np.random.default_rng(2), coarsen_p=0.0)
+    soft = TrainingSampler(tiles, {"nochange": 1.0}, np.random.default_rng(2), coarsen_p=1.0)
+
+    def edge(images: np.ndarray) -> float:
+        return float(np.abs(np.diff(images, axis=-1)).mean())
+
+    assert edge(soft.batch(8, 64)[0]) < 0.8 * edge(sharp.batch(8, 64)[0])
+
+
+def test_sampler_state_round_trip_draws_the_same_batches() -> None:
+    a = TrainingSampler([fake_tile(0)], MIX, np.random.default_rng(9))
+    a.batch(2, 64)
+    state = a.state()
+    expected = a.batch(2, 64)
+    b = TrainingSampler([fake_tile(0)], MIX, np.random.default_rng(0))
+    b.set_state(state)
+    for x, y in zip(b.batch(2, 64), expected, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.counts == b.counts
+
+
+def test_readers_on_the_fake_tree(fake_shared: Path) -> None:
+    train_names, val_names = whu_split(fake_shared / "whu-cd")
+    assert train_names == ["ucdscm_000001", "ucdscm_000002"] and val_names == ["lgpnet_test_1", "lgpnet_train_2"]
+    whu = load_png_pairs(fake_shared / "whu-cd", "new", names=val_names)
+    # 120 px at 0.3 m are 72 px at the network's 0.5 m
+    assert [p.images.shape for p in whu] == [(2, 3, 72, 72)] * 2 and NATIVE_GSD_M == 0.5
+    assert all(p.change.dtype == bool and 0 < p.change.mean() < 0.5 for p in whu)
+    joplin = load_png_pairs(fake_shared / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
+    assert joplin[0].kind == "removed" and joplin[0].images.shape == (2, 3, 106, 106)  # 0.55 m -> 0.5 m
+    levir = load_levir(fake_shared / "levir-dev")
+    assert [name for name, _, _ in levir] == ["train_1_0000_0000", "val_2_0000_0256"]
+
+
+def _fake_train_settings(tmp_path: Path, **kw: object) -> TrainSettings:
+    base = {
+        "steps": 6,
+        "crop": 64,
+        "batch_size": 2,
+        "arch_kwargs": {"widths": [4, 4, 8, 8, 8]},
+        "checkpoint_every": 2,
+        "val_every": 1000,
+        "log_every": 1,
+        "threads": 1,
+        "warmup_steps": 1,
+        "log_path": tmp_path / "log.jsonl",
+    }
+    return TrainSettings.model_validate({**base, **kw})
+
+
+def test_a_stopped_and_resumed_run_equals_one_long_run(fake_shared: Path, tmp_path: Path) -> None:
+    import json
+
+    from pipeline.model.train import resume_path, train
+
+    one = train(_fake_train_settings(tmp_path / "a"), tmp_path / "a" / "net.pt", data=fake_shared)
+    assert one.steps == 6
+    first = train(
+        _fake_train_settings(tmp_path / "b", max_steps_this_run=4), tmp_path / "b" / "net.pt", data=fake_shared
+    )
+    assert first.steps == 4 and resume_path(tmp_path / "b" / "net.pt").is_file()
+    second = train(_fake_train_settings(tmp_path / "b"), tmp_path / "b" / "net.pt", data=fake_shared, resume=True)
+    assert second.steps == 6
+    a = torch.load(tmp_path / "a" / "net.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "net.pt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["meta"]["native_gsd_m"] == 0.5 and b["meta"]["finished"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and "pause" in events and "resume" in events and events[-1] == "end"
+    losses_a = [
+        json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines() if '"train"' in x
+    ]
+    losses_b = [
+        json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines() if '"train"' in x
+    ]
+    assert losses_a == losses_b
+
+
+def test_resume_refuses_changed_settings(fake_shared: Path, tmp_path: Path) -> None:
+    from pipeline.model.train import train
+
+    train(_fake_train_settings(tmp_path, max_steps_this_run=2), tmp_path / "net.pt", data=fake_shared)
+    with pytest.raises(ModelError, match=r"\['lr'\] differ from the run being resumed"):
+        train(_fake_train_settings(tmp_path, lr=0.5), tmp_path / "net.pt", data=fake_shared, resume=True)
+    with pytest.raises(ModelError, match="no training state to resume"):
+        train(_fake_train_settings(tmp_path), tmp_path / "other.pt", data=fake_shared, resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
@@ -43,3 +44,16 @@ def check_input(x: torch.Tensor, in_channels: int, name: str) -> None:
         raise ValueError(
             f"{name}: height and width must be multiples of {STRIDE}, got {h}x{w}; pad the tile (detect pads)"
         )
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int = STRIDE) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflection-pad the last two axes of ``images`` up to multiples of ``multiple``.
+
+    Returns:
+        The padded array and the original ``(h, w)``, to crop the prediction back with ``[..., :h, :w]``.
+    """
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        images = np.pad(images, [(0, 0)] * (images.ndim - 2) + [(0, ph), (0, pw)], mode="reflect")
+    return images, (h, w)

@@ -80,7 +80,7 @@ class ChangeModel:
         in_channels: bands per epoch the network expects.
         threshold: the calibrated decision threshold on probabilities.
         object_threshold: the calibrated minimum mean probability of a flag object (None: not calibrated;
-            see :mod:`pipeline.flagcheck`).
+            see :mod:`pipeline.model.calibrate`).
         kwargs: the architecture options.
         meta: everything else the checkpoint recorded.
         module: the network, in eval mode, channels-last, on ``device``.

@@ -1,20 +1,19 @@
-"""Train a change network: seeded, masked BCE + Dice, AdamW with warmup and cosine decay.
+"""Train a change network: seeded, masked BCE + Dice, AdamW with warmup and cosine decay, resumable.
 
-``train(settings, out_path)`` draws batches from :class:`pipeline.datasets.TrainingSampler` (Santa Rosa
-training clusters, footprint erasing, copy-paste, no-change pairs and demo-town pairs when
-``pipeline.synth`` provides them), logs one JSON line per ``log_every`` steps to ``settings.log_path``,
-scores a quick validation every ``val_every`` steps and writes a checkpoint every ``checkpoint_every``
-steps, so a usable model exists early. CUDA with mixed precision is used when present, the CPU
-otherwise. With ``time_limit_min`` the cosine schedule runs on ``max(step / steps, elapsed / limit)``,
-so the learning rate has decayed whenever the run stops.
+``train(settings, out_path, data=...)`` draws batches from :class:`pipeline.model.sampler.TrainingSampler`
+on a background thread (Santa Rosa training clusters, WHU-CD and Joplin pairs, footprint erasing,
+copy-paste, no-change and demo-town pairs), trains under bf16 autocast where ``train.amp`` allows (AMX on
+the CPU, CUDA), logs one JSON line per ``log_every`` steps to ``settings.log_path``, scores a quick
+validation every ``val_every`` steps and writes the checkpoint and the resumable training state every
+``checkpoint_every`` steps. With ``time_limit_min`` the cosine schedule runs on
+``max(step / steps, elapsed / limit)``, so the learning rate has decayed whenever the run stops; without
+it the schedule runs on steps alone, and a run stopped and resumed (``--resume``) equals one long run.
 
-Run it as ``python -m pipeline.train --out models/scarnet.pt [--set train.steps=3000 ...]``; the
-``scarwatch train`` command calls :func:`train` too.
+The command is ``scarwatch train [--set train.steps=3000 ...] [--resume]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -33,22 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pipeline.config import TrainSettings, load_settings
-from pipeline.datasets import (
+from pipeline.config import TrainSettings
+from pipeline.errors import ModelError
+from pipeline.fileio import atomic_path
+from pipeline.metrics import Scores, pixel_scores, pool
+from pipeline.model.data import (
     NATIVE_GSD_M,
     RealPair,
-    TrainingSampler,
     demo_pairs,
-    load_levir,
     load_png_pairs,
     load_santa_rosa,
     split_clusters,
     whu_split,
 )
-from pipeline.errors import ModelError
-from pipeline.evaluate import Scores, pixel_scores, pool
-from pipeline.fileio import atomic_path
+from pipeline.model.sampler import TrainingSampler
 from pipeline.nets import create_model
+from pipeline.nets.blocks import pad_to_multiple
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -141,6 +140,7 @@ class QuickValidation:
         santa = []
         tiles = load_santa_rosa(data / "xbd-santa-rosa", val_ids)
         changed = [t for t in tiles if t.change.any()]
+        size = min(size, *(min(t.valid.shape) for t in tiles))
         for i in range(n_santa):
             tile = changed[i % len(changed)] if i % 3 else tiles[int(rng.integers(len(tiles)))]
             h, w = tile.valid.shape
@@ -155,7 +155,7 @@ class QuickValidation:
             imgs = np.stack([tile.pre[:, sl[0], sl[1]], tile.post[:, sl[0], sl[1]]])
             santa.append((imgs, tile.change[sl], tile.valid[sl], 1))
         self.sets["santa-rosa"] = santa
-        self.sets["levir-dev"] = [(im, lab, np.ones_like(lab), 0) for _, im, lab in load_levir(data / "levir-dev")]
+        self.sets["levir-dev"] = [(p.images, p.change, p.valid, 0) for p in load_png_pairs(data / "levir-dev", "new")]
         whu_root = data / "whu-cd"
         if whu_root.is_dir():
             _, whu_val = whu_split(whu_root)
@@ -178,7 +178,7 @@ class QuickValidation:
         for name, items in self.sets.items():
             scores: list[Scores] = []
             for imgs, lab, valid, k in items:
-                padded, h, w = pad16(imgs)
+                padded, (h, w) = pad_to_multiple(imgs)
                 x = torch.from_numpy(padded[None].astype(np.float32) / 255.0).to(device)
                 p = torch.sigmoid(module(x))[0, k, :h, :w].cpu().numpy()
                 scores.append(pixel_scores(p >= 0.5, lab, valid))
@@ -191,16 +191,6 @@ class QuickValidation:
 
 #: Weights of the quick-validation score (the real new-construction sets weigh most).
 QUICK_WEIGHTS = {"levir-dev": 0.3, "whu-cd": 0.3, "demo-town": 0.2, "santa-rosa": 0.2}
-
-
-def pad16(images: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Reflection-pad the last two axes to multiples of 16; returns the padded array and the old h, w."""
-    h, w = images.shape[-2:]
-    ph, pw = (-h) % 16, (-w) % 16
-    if ph or pw:
-        pad = [(0, 0)] * (images.ndim - 2) + [(0, ph), (0, pw)]
-        images = np.pad(images, pad, mode="reflect")
-    return images, h, w
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -283,7 +273,7 @@ def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
     return state
 
 
-def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False) -> TrainResult:
+def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: bool = False) -> TrainResult:
     """Train ``settings.arch`` and write its checkpoint to ``out_path``.
 
     Every ``checkpoint_every`` steps (and when the run stops) the checkpoint and the resumable state
@@ -295,6 +285,7 @@ def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False
     Args:
         settings: the ``train`` section of params.yaml.
         out_path: the checkpoint to write (also written every ``checkpoint_every`` steps).
+        data: the shared data folder (``paths.shared``).
         resume: continue the run whose state is beside ``out_path``.
 
     Returns:
@@ -303,7 +294,7 @@ def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False
     Raises:
         ModelError: unknown architecture, a bad ``init_from`` checkpoint, CUDA asked for but absent, or a
             resume whose settings differ from the stopped run's.
-        MissingInputError: the shared data is not at ``settings.data``.
+        MissingInputError: the shared data is not at ``data``.
     """
     out_path = Path(out_path)
     state_path = resume_path(out_path)
@@ -328,20 +319,20 @@ def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False
     amp_dtype = autocast_dtype(settings.amp, device)
     log.info("training %s (%d parameters) on %s, autocast %s", settings.arch, n_params, device, amp_dtype)
 
-    santa_root = settings.data / "xbd-santa-rosa"
+    santa_root = data / "xbd-santa-rosa"
     train_ids, val_ids = split_clusters(santa_root, settings.val_fraction, settings.split_seed)
     log.info("Santa Rosa split (seed %d): %d train tiles, held out %r", settings.split_seed, len(train_ids), val_ids)
     pairs: dict[str, list[RealPair]] = {}
     if settings.mix.get("whu", 0) > 0:
-        whu_train, _ = whu_split(settings.data / "whu-cd")
-        pairs["whu"] = load_png_pairs(settings.data / "whu-cd", "new", names=whu_train)
+        whu_train, _ = whu_split(data / "whu-cd")
+        pairs["whu"] = load_png_pairs(data / "whu-cd", "new", names=whu_train)
     if settings.mix.get("joplin", 0) > 0:
-        pairs["joplin"] = load_png_pairs(settings.data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
+        pairs["joplin"] = load_png_pairs(data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
     rng = np.random.default_rng(settings.seed)
     sampler = TrainingSampler(
         load_santa_rosa(santa_root, train_ids), dict(settings.mix), rng, pairs=pairs, coarsen_p=settings.coarsen_p
     )
-    quick = QuickValidation(settings.data, val_ids, seed=settings.split_seed + 1)
+    quick = QuickValidation(data, val_ids, seed=settings.split_seed + 1)
 
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -492,24 +483,3 @@ def train(settings: TrainSettings, out_path: str | Path, *, resume: bool = False
         )
     log.info("trained %s: %d steps (%d this run) in %.0f s -> %s", settings.arch, step, run_steps, wall, out_path)
     return TrainResult(out_path, settings.arch, step, wall, final, best, history)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pipeline.train --out models/scarnet.pt --set train.steps=3000``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="the parameters file")
-    parser.add_argument("--out", default="models/scarnet.pt", help="checkpoint to write")
-    parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE", help="override a value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "[{" else value
-    settings = load_settings(args.params, overrides)
-    result = train(settings.train, Path(args.out))
-    log.info("done: %s", {k: v for k, v in result.__dict__.items() if k != "history"})
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -3,7 +3,7 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from pipeline.errors import CRSError, CRSMismatchError
-from pipeline.evaluate import Scores, component_scores, match_objects, object_scores, pixel_scores, pool
+from pipeline.metrics import Scores, component_scores, match_objects, object_scores, pixel_scores, pool
 
 
 def test_scores_from_counts_hand_computed() -> None:
@@ -119,61 +119,3 @@ def test_component_scores_hand_computed() -> None:
     assert (s.tp, s.fp, s.fn) == (1, 2, 1)
     s = component_scores(pred, truth, min_pixels=2)
     assert (s.tp, s.fp, s.fn) == (1, 0, 1)
-
-
-def _tiny_items() -> list:
-    from pipeline.evaluate import _Item
-
-    rng = np.random.default_rng(0)
-    items = []
-    for ds in ("santa-rosa", "levir-dev", "demo-town"):
-        prev = (rng.random((3, 32, 32)) * 80).astype(np.uint8)
-        curr = prev.copy()
-        curr[:, 8:20, 8:20] = 230
-        truth = np.zeros((32, 32), bool)
-        truth[8:20, 8:20] = True
-        valid = np.ones((32, 32), bool)
-        items.append(_Item(ds, "a", np.stack([prev, curr]), truth, valid, "new"))
-        items.append(_Item(ds, "a", np.stack([curr, prev]), truth, valid, "removed", True))
-    return items
-
-
-def test_evaluate_model_end_to_end(tmp_path, monkeypatch) -> None:
-    import json
-
-    import torch
-
-    from pipeline import evaluate
-    from pipeline.config import EvaluateSettings
-    from pipeline.nets import create_model
-    from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
-
-    torch.manual_seed(0)
-    monkeypatch.setattr(evaluate, "validation_items", lambda s: (_tiny_items(), {"tiny": True}))
-    monkeypatch.setattr(evaluate, "flops_per_tile", lambda model, size=512: 1e9)
-    kw = {"widths": (4, 4, 8, 8, 8)}
-    ckpt = save_checkpoint(tmp_path / "net.pt", create_model("scarnet", **kw), "scarnet", 3, kw, {"steps": 1})
-    base = save_checkpoint(tmp_path / "fc.pt", create_model("fc_siam_diff"), "fc_siam_diff", 3)
-    card = tmp_path / "card.md"
-    card.write_text(f"# card\n\n{evaluate.START}\nPLACEHOLDER\n{evaluate.END}\n\nafter\n")
-    settings = EvaluateSettings(out=tmp_path / "m.json", card=card, baselines=(base, tmp_path / "absent.pt"))
-    metrics = evaluate.evaluate_model(ckpt, settings)
-
-    assert set(metrics["methods"]) == {"cva", "fc_siam_diff", "shipped"}
-    shipped = metrics["methods"]["shipped"]
-    assert shipped["threshold"] in settings.thresholds
-    assert set(shipped["scores"]) == {"santa-rosa", "levir-dev", "demo-town"}
-    assert set(shipped["scores"]["levir-dev"]) == {"new", "removed"}
-    # CVA finds the bright square exactly in the "new" direction
-    cva = metrics["methods"]["cva"]["scores"]["levir-dev"]["new"]["pixel"]
-    assert cva["recall"] == pytest.approx(1.0)
-    assert json.loads((tmp_path / "m.json").read_text())["methods"]["shipped"]["threshold"] == shipped["threshold"]
-    assert ChangeModel.load(ckpt).threshold == shipped["threshold"]
-    # the object threshold is calibrated at the chosen seed and travels in the checkpoint too
-    objects = shipped["objects"]
-    assert objects["seed"] == shipped["threshold"] and objects["object_threshold"] in settings.object_thresholds
-    assert set(objects["curve"]) == {str(t) for t in settings.object_thresholds}
-    assert ChangeModel.load(ckpt).object_threshold == objects["object_threshold"]
-    text = card.read_text()
-    assert "PLACEHOLDER" not in text and "| levir-dev | new | **shipped** |" in text and text.endswith("after\n")
-    assert set(metrics["bars"]) == {"santa-rosa/removed", "levir-dev/new", "demo-town/new", "demo-town/removed"}
