@@ -47,7 +47,7 @@ from pipeline.errors import (
     MissingInputError,
     NoOverlapError,
 )
-from pipeline.fileio import replace_dir
+from pipeline.fileio import gdal_env, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ SAMPLE_BLOCKS = 8
 """At most SAMPLE_BLOCKS x SAMPLE_BLOCKS sample blocks for co-registration and histogram matching."""
 HIST_SAMPLE = 400_000
 """At most this many pixels per band feed the histogram tables."""
-GDAL_CACHE_MB = 256
-"""GDAL block cache while aligning (GDAL's default, 5% of RAM, would dominate peak memory)."""
 
 Win = tuple[int, int, int, int]  # col_off, row_off, width, height
 
@@ -611,15 +609,6 @@ def _absolute_sheet_paths(meta: dict[str, Any], out_dir: Path | None) -> dict[st
         for role, ep in meta["epochs"].items()
     }
     return {**meta, "epochs": epochs}
-
-
-def gdal_env(**options: Any) -> rasterio.Env:
-    """A ``rasterio.Env`` whose GDAL block cache is bounded to ``GDAL_CACHE_MB``.
-
-    :func:`align_pair` runs inside one. Stages that read every window of an :class:`AlignedPair` (tiling,
-    detection) should too, or GDAL's cache grows to its default of 5% of RAM.
-    """
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20, **options)
 
 
 def align_pair(
