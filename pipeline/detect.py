@@ -69,7 +69,7 @@ BLOCK = 256
 
 
 class PairReader(Protocol):
-    """What the detector needs of an opened aligned pair (``pipeline.imagery.AlignedPair``)."""
+    """What the detector needs of an opened aligned pair (``pipeline.pair.AlignedPair``)."""
 
     crs: CRS
     transform: Affine
@@ -87,7 +87,7 @@ PairOpener = Callable[[Path], AbstractContextManager[Any]]
 
 def open_aligned_pair(pair_dir: Path) -> AbstractContextManager[Any]:
     """Open the aligned pair written by ``scarwatch align`` (the default opener; picklable)."""
-    from pipeline.imagery import AlignedPair
+    from pipeline.pair import AlignedPair
 
     return AlignedPair.open(pair_dir)  # type: ignore[no-any-return]
 
