@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, DeviceError, ModelError
 from pipeline.nets import MODELS, create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
 from pipeline.nets.cva import cva_probabilities
+from pipeline.nets.device import autocast, inference_dtype, resolve_device
 
 torch.set_num_threads(1)
 
@@ -152,6 +153,27 @@ def test_load_cuda_without_cuda(saved: Path) -> None:
         pytest.skip("CUDA present")
     with pytest.raises(ModelError, match="CUDA is not available"):
         ChangeModel.load(saved, device="cuda")
+
+
+def test_one_device_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert issubclass(DeviceError, ConfigError) and issubclass(DeviceError, ModelError)
+    for name in ("tpu9", "mps", "meta", ""):
+        with pytest.raises(DeviceError, match="unknown, not a torch device"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:1", torch.device("cuda:0")):
+        with pytest.raises(DeviceError, match="CUDA is not available.*no CUDA device.*--device cpu"):
+            resolve_device(name)
+
+
+def test_cpu_inference_is_float32() -> None:
+    cpu = torch.device("cpu")
+    assert inference_dtype(cpu) is None
+    with autocast(cpu):
+        y = torch.nn.Linear(4, 2)(torch.ones(1, 4))
+    assert y.dtype == torch.float32
 
 
 def test_save_rejects_unknown_arch(tmp_path: Path) -> None:
