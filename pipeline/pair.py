@@ -16,7 +16,7 @@ import os
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import rasterio
@@ -172,6 +172,21 @@ class _Mosaic:
 
 # ---------------------------------------------------------------------------------------------------
 # The aligned pair
+
+
+class PairReader(Protocol):
+    """What the stages after ``align`` need of an opened aligned pair; :class:`AlignedPair` is the real one."""
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    count: int
+    month: str
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Return images float32 (2, count, h, w) in [0, 1] as [prev, curr] and the valid mask (h, w)."""
+        ...
 
 
 class AlignedPair:

@@ -21,6 +21,8 @@ from rasterio.windows import Window
 from pipeline import detect as det
 from pipeline.config import DetectSettings
 from pipeline.errors import ConfigError, CRSMismatchError, ModelError
+from pipeline.nets.device import resolve_device
+from pipeline.predictors import CheckpointPredictor, CvaPredictor, ModulePredictor, make_predictor
 from pipeline.tiling import make_grid, write_tile_index
 
 CRS_CODE = "EPSG:4551"
@@ -103,7 +105,7 @@ def tile_index(tmp: Path, pair_dir: Path, size: int, overlap: int) -> Path:
 
 def run(tmp: Path, pair_dir: Path, size: int, overlap: int, **kw: Any) -> tuple[np.ndarray, det.DetectSummary]:
     settings = kw.pop("settings", DetectSettings(method="cnn", device="cpu", batch_size=3, workers=2))
-    predictor = kw.pop("predictor", None) or det.ModulePredictor(ConvNet(), device="cpu")
+    predictor = kw.pop("predictor", None) or ModulePredictor(ConvNet(), device="cpu")
     out = tmp / f"prob_{size}_{overlap}_{kw.get('scheduler') is not None}.tif"
     summary = det.detect_pair(
         pair_dir,
@@ -186,7 +188,7 @@ def test_missing_tiles_come_out_as_nodata(tmp_path: Path) -> None:
     out = tmp_path / "partial.tif"
     settings = DetectSettings(device="cpu", batch_size=2)
     det.detect_pair(
-        pair_dir, index, out, settings, overlap=16, predictor=det.ModulePredictor(ConvNet()), opener=open_npy_pair
+        pair_dir, index, out, settings, overlap=16, predictor=ModulePredictor(ConvNet()), opener=open_npy_pair
     )
     with rasterio.open(out) as ds:
         probs = ds.read()
@@ -256,8 +258,8 @@ def test_strip_blender_flushes_the_same_values_as_a_whole_raster_blend() -> None
 def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path, invalid=False)
     settings = DetectSettings(method="cva", device="cpu", batch_size=4, cva_sample_tiles=8)
-    predictor = det.make_predictor(settings)
-    assert isinstance(predictor, det.CvaPredictor)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, CvaPredictor)
     probs, _ = run(tmp_path, pair_dir, 64, 16, settings=settings, predictor=predictor)
     assert predictor.magnitude_threshold is not None and predictor.magnitude_threshold > 0
     with rasterio.open(tmp_path / "prob_64_16_False.tif") as ds:
@@ -270,27 +272,27 @@ def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
 
 def test_cva_needs_fit() -> None:
     with pytest.raises(ModelError, match="fit"):
-        det.CvaPredictor()(np.zeros((1, 2, 3, 8, 8), np.float32))
+        CvaPredictor()(np.zeros((1, 2, 3, 8, 8), np.float32))
 
 
 def test_module_predictor_checks_bands(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path, invalid=False)
     with pytest.raises(ModelError, match="expects 4 bands but the pair has 3"):
-        run(tmp_path, pair_dir, 64, 16, predictor=det.ModulePredictor(ConvNet(), device="cpu", in_channels=4))
+        run(tmp_path, pair_dir, 64, 16, predictor=ModulePredictor(ConvNet(), device="cpu", in_channels=4))
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"checkpoint not found; set detect.model"):
-        det.make_predictor(DetectSettings(model=tmp_path / "nope.pt"))
+        make_predictor(DetectSettings(model=tmp_path / "nope.pt"))
 
 
 def test_cuda_without_cuda_is_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert det.resolve_device("auto").type == "cpu"
+    assert resolve_device("auto").type == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device.*--device cpu"):
-        det.resolve_device("cuda")
+        resolve_device("cuda")
     with pytest.raises(ConfigError, match="unknown"):
-        det.resolve_device("tpu")
+        resolve_device("tpu")
     pair_dir = make_pair(tmp_path, invalid=False)
     out = tmp_path / "never.tif"
     with pytest.raises(ConfigError, match="no CUDA device"):
@@ -300,7 +302,7 @@ def test_cuda_without_cuda_is_config_error(tmp_path: Path, monkeypatch: pytest.M
             out,
             DetectSettings(device="cuda"),
             overlap=16,
-            predictor=det.ModulePredictor(ConvNet(), device="cuda"),
+            predictor=ModulePredictor(ConvNet(), device="cuda"),
             opener=open_npy_pair,
         )
     assert not out.exists()
@@ -318,7 +320,7 @@ def test_crs_mismatch_between_index_and_pair(tmp_path: Path) -> None:
             tmp_path / "x.tif",
             DetectSettings(device="cpu"),
             overlap=16,
-            predictor=det.ModulePredictor(ConvNet()),
+            predictor=ModulePredictor(ConvNet()),
             opener=open_npy_pair,
         )
 
@@ -332,7 +334,7 @@ def test_bad_scheduler_address(tmp_path: Path) -> None:
 def test_predictor_pickles_without_runtime_state() -> None:
     import pickle
 
-    predictor = det.ModulePredictor(ConvNet(), device="cpu")
+    predictor = ModulePredictor(ConvNet(), device="cpu")
     predictor.setup()
     clone = pickle.loads(pickle.dumps(predictor))
     assert clone._device is None
@@ -373,8 +375,8 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
     )
     pair_dir = make_pair(tmp_path, height=120, width=136)
     settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
-    predictor = det.make_predictor(settings)
-    assert isinstance(predictor, det.CheckpointPredictor)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, CheckpointPredictor)
     probs, summary = run(tmp_path, pair_dir, 128, 16, settings=settings, predictor=predictor)
     assert summary.device == "cpu" and summary.n_tiles == 2 and predictor.in_channels == 3
     with rasterio.open(summary.out_path) as ds:
