@@ -3,7 +3,7 @@
 :func:`detect_pair` reads the tile index, pushes the tiles in batches through a
 :class:`pipeline.predictors.Predictor` (a network checkpoint or the CVA baseline) and writes the
 probability COG of the month (bands ``p_new``, ``p_removed``; uint8 ``round(p * 254)``, 255 = nodata
-outside the valid area; see ``docs/architecture.md``).
+outside the valid area; the encoding and the tags are in :mod:`pipeline.formats`).
 
 How it works:
 
@@ -55,6 +55,7 @@ from rasterio.windows import Window
 from pipeline.config import DetectSettings
 from pipeline.errors import ConfigError, CRSMismatchError, InputError
 from pipeline.fileio import atomic_path
+from pipeline.formats import PROB_BANDS, PROB_NODATA, encode_probabilities, probability_tags
 from pipeline.nets.blocks import STRIDE, pad_to_multiple, padded_size
 from pipeline.predictors import Predictor, make_predictor
 from pipeline.tiling import Tile, iter_batches, read_tile_index
@@ -64,9 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BAND_NAMES = ("p_new", "p_removed")
-NODATA = 255
-SCALE = 254
 BLOCK = 256
 
 
@@ -203,13 +201,6 @@ class StripBlender:
         self.flush(self.height)
 
 
-def to_uint8(probs: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Probabilities (2, h, w) to the stored encoding: ``round(p * 254)``, 255 where not ``ok``."""
-    out = np.rint(np.clip(probs, 0.0, 1.0) * SCALE).astype(np.uint8)
-    out[:, ~ok] = NODATA
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- output
 
 
@@ -228,7 +219,7 @@ class _CogWriter:
             "dtype": "uint8",
             "crs": crs,
             "transform": transform,
-            "nodata": NODATA,
+            "nodata": PROB_NODATA,
             "tiled": True,
             "blockxsize": BLOCK,
             "blockysize": BLOCK,
@@ -236,12 +227,12 @@ class _CogWriter:
             "BIGTIFF": "IF_SAFER",
         }
         self.ds = rasterio.open(self.tmp, "w", **profile)
-        for i, name in enumerate(BAND_NAMES, start=1):
+        for i, name in enumerate(PROB_BANDS, start=1):
             self.ds.set_band_description(i, name)
         self.ds.update_tags(**tags)
 
     def write(self, row_off: int, probs: np.ndarray, ok: np.ndarray) -> None:
-        self.ds.write(to_uint8(probs, ok), window=Window(0, row_off, probs.shape[2], probs.shape[1]))
+        self.ds.write(encode_probabilities(probs, ok), window=Window(0, row_off, probs.shape[2], probs.shape[1]))
 
     def finish(self) -> None:
         width, height = self.ds.width, self.ds.height
@@ -459,16 +450,7 @@ def detect_pair(
         overlap,
     )
 
-    tags = {
-        "month": month,
-        "encoding": "round(p*254), 255=nodata",
-        "method": settings.method,
-        # the model's calibrated decision threshold; vectorize seeds objects at it unless vectorize.high is set
-        "threshold": f"{float(predictor.threshold):.4f}",
-    }
-    object_threshold = predictor.object_threshold
-    if object_threshold is not None:  # vectorize drops objects whose mean p is below it (pipeline/flagcheck.py)
-        tags["object_threshold"] = f"{float(object_threshold):.4f}"
+    tags = probability_tags(month, settings.method, predictor.threshold, predictor.object_threshold)
     writer = _CogWriter(out_path, width=width, height=height, crs=crs, transform=transform, tags=tags)
     blender = StripBlender(width, height, writer.write)
     devices: set[str] = set()

@@ -211,9 +211,10 @@ def santa_rosa_flags(
     """
     from pipeline.datasets import split_clusters
     from pipeline.detect import detect_pair
+    from pipeline.formats import FLAG_KINDS as KINDS
     from pipeline.imagery import align_pair
     from pipeline.tiling import tile_pair
-    from pipeline.vectorize import KINDS, flag_scores, vectorize_month
+    from pipeline.vectorize import flag_scores, vectorize_month
 
     root = Path(settings.evaluate.data) / "xbd-santa-rosa"
     if tile_ids is None:

@@ -19,8 +19,9 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from pipeline import detect as det
-from pipeline.config import DetectSettings
+from pipeline.config import DetectSettings, VectorizeSettings
 from pipeline.errors import ConfigError, CRSMismatchError, ModelError
+from pipeline.formats import PROB_NODATA, PROB_SCALE, encode_probabilities, probability_tags
 from pipeline.nets.device import resolve_device
 from pipeline.predictors import CheckpointPredictor, CvaPredictor, ModulePredictor, make_predictor
 from pipeline.tiling import make_grid, write_tile_index
@@ -141,7 +142,7 @@ def test_tiled_equals_whole_away_from_border(tmp_path: Path, size: int, overlap:
     m = 8
     a = whole[:, m:-m, m:-m].astype(int)
     b = tiled[:, m:-m, m:-m].astype(int)
-    assert (a != det.NODATA).all() and (b != det.NODATA).all()
+    assert (a != PROB_NODATA).all() and (b != PROB_NODATA).all()
     diff = np.abs(a - b)
     assert diff.max() <= 2, f"max diff {diff.max()} / 254"
     assert diff.mean() < 0.05
@@ -160,8 +161,8 @@ def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path)
     probs, summary = run(tmp_path, pair_dir, 64, 16)
     valid = np.load(pair_dir / "valid.npy")
-    assert (probs[:, ~valid] == det.NODATA).all()
-    assert (probs[:, valid] <= det.SCALE).all()
+    assert (probs[:, ~valid] == PROB_NODATA).all()
+    assert (probs[:, valid] <= PROB_SCALE).all()
     assert summary.out_path.exists() and summary.tiles_per_s > 0 and summary.km2_per_hour > 0
     assert summary.device == "cpu"
     with rasterio.open(summary.out_path) as ds:
@@ -169,7 +170,7 @@ def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert ds.count == 2 and ds.dtypes == ("uint8", "uint8")
         assert ds.descriptions == ("p_new", "p_removed")
-        assert ds.nodata == det.NODATA
+        assert ds.nodata == PROB_NODATA
         assert ds.crs == CRS.from_user_input(CRS_CODE)
         assert ds.transform == TRANSFORM
         assert ds.overviews(1) and ds.overviews(2)
@@ -194,8 +195,8 @@ def test_missing_tiles_come_out_as_nodata(tmp_path: Path) -> None:
         probs = ds.read()
     row1 = next(t for t in tiles if t.row == 1)
     gap = slice(row1.row_off + 16, row1.row_off + row1.height - 16)  # rows only the dropped tiles covered
-    assert (probs[:, gap] == det.NODATA).all()
-    assert (probs[:, :32] != det.NODATA).all()
+    assert (probs[:, gap] == PROB_NODATA).all()
+    assert (probs[:, :32] != PROB_NODATA).all()
 
 
 def test_strip_blender_rejects_out_of_order_tiles() -> None:
@@ -383,7 +384,25 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
         assert ds.tags()["threshold"] == "0.8000"  # the calibrated thresholds travel to vectorize
         assert ds.tags()["object_threshold"] == "0.8500"
     valid = np.load(pair_dir / "valid.npy")
-    assert (probs[:, ~valid] == det.NODATA).all() and (probs[:, valid] <= det.SCALE).all()
+    assert (probs[:, ~valid] == PROB_NODATA).all() and (probs[:, valid] <= PROB_SCALE).all()
     x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)
     reference = checkpoint.ChangeModel.load(path).predict(x)
     np.testing.assert_allclose(predictor(predictor.prepare(x)), reference, atol=1e-5)
+
+
+def test_probability_encoding_is_what_vectorize_reads(tmp_path: Path) -> None:
+    from pipeline.formats import TAG_OBJECT_THRESHOLD, TAG_THRESHOLD, decode_probabilities, tag_float
+    from pipeline.vectorize import resolve_thresholds
+
+    p = np.linspace(0, 1, 509, dtype=np.float32).reshape(1, 1, 509).repeat(2, axis=0)
+    ok = np.ones((1, 509), bool)
+    ok[0, :3] = False
+    stored = encode_probabilities(p, ok)
+    assert stored.dtype == np.uint8 and (stored[:, 0, :3] == PROB_NODATA).all() and stored.max() == PROB_NODATA
+    back = decode_probabilities(stored)
+    assert (back[:, 0, :3] == 0).all()
+    assert np.abs(back[:, :, 3:] - p[:, :, 3:]).max() <= 0.5 / PROB_SCALE + 1e-7
+    tags = probability_tags("2026-03", "cnn", 0.8, None)
+    assert TAG_OBJECT_THRESHOLD not in tags and tag_float(tags, TAG_THRESHOLD, 0.6) == 0.8
+    settings = resolve_thresholds(VectorizeSettings(), probability_tags("2026-03", "cnn", 0.7, 0.85))
+    assert (settings.high, settings.min_p_mean) == (0.7, 0.85)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_detect import ConvNet, make_pair, run
 
-from pipeline import detect as det
 from pipeline.config import DetectSettings
+from pipeline.formats import PROB_NODATA
 from pipeline.nets.device import resolve_device
 from pipeline.predictors import ModulePredictor
 
@@ -26,7 +26,7 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
     )
     assert cpu_summary.device == "cpu" and gpu_summary.device.startswith("cuda")
     diff = np.abs(cpu.astype(int) - gpu.astype(int))
-    assert (cpu == det.NODATA).sum() == (gpu == det.NODATA).sum()
+    assert (cpu == PROB_NODATA).sum() == (gpu == PROB_NODATA).sum()
     assert diff.max() <= 4 and diff.mean() < 0.5  # bf16/fp16 autocast
 
 
