@@ -2,7 +2,8 @@
 
 A stage writes into a temporary sibling, then swaps it in: a failed stage therefore never leaves a
 half-written output, and the previous output stays readable until the new one is complete. Stages that
-read rasters run inside :func:`gdal_env`, which bounds GDAL's block cache.
+read rasters run inside :func:`gdal_env`, which bounds GDAL's block cache, and walk them with
+:func:`block_windows`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import rasterio
+    from rasterio.windows import Window
 
 GDAL_CACHE_MB = 256
 """GDAL block cache while a stage reads rasters (GDAL's default, 5% of RAM, would dominate peak memory)."""
@@ -60,3 +62,16 @@ def gdal_env(**options: Any) -> rasterio.Env:
     import rasterio  # here, so that stages without rasters (ledger, report) do not load GDAL
 
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20, **options)
+
+
+def block_windows(width: int, height: int, size: int) -> Iterator[Window]:
+    """The ``size`` x ``size`` windows that tile a ``width`` x ``height`` raster, row by row (edges clipped).
+
+    For passes over a whole raster one block at a time (the valid mask, vectorising); the overlapping
+    tile grid the detector reads is :func:`pipeline.tiling.make_grid`.
+    """
+    from rasterio.windows import Window
+
+    for row in range(0, height, size):
+        for col in range(0, width, size):
+            yield Window(col, row, min(size, width - col), min(size, height - row))

@@ -45,7 +45,7 @@ from pipeline.errors import (
     NoOverlapError,
     first_line,
 )
-from pipeline.fileio import gdal_env, replace_dir
+from pipeline.fileio import block_windows, gdal_env, replace_dir
 from pipeline.formats import PAIR_JSON, PAIR_VERSION, VALID_TIF, encode_valid
 from pipeline.pair import AlignedPair
 
@@ -298,15 +298,13 @@ def _valid_pass(pair: AlignedPair, tmp: Path) -> tuple[int, int, int]:
     }
     counts = [0, 0, 0]
     with rasterio.open(raw, "w", **profile) as dst:
-        for r in range(0, pair.height, PASS_BLOCK):
-            for c in range(0, pair.width, PASS_BLOCK):
-                win = (c, r, min(PASS_BLOCK, pair.width - c), min(PASS_BLOCK, pair.height - r))
-                pm, cm = pair.read_epoch_masks(Window(*win))
-                both = pm & cm
-                counts[0] += int(pm.sum())
-                counts[1] += int(cm.sum())
-                counts[2] += int(both.sum())
-                dst.write(encode_valid(both)[None], window=Window(*win))
+        for window in block_windows(pair.width, pair.height, PASS_BLOCK):
+            pm, cm = pair.read_epoch_masks(window)
+            both = pm & cm
+            counts[0] += int(pm.sum())
+            counts[1] += int(cm.sum())
+            counts[2] += int(both.sum())
+            dst.write(encode_valid(both)[None], window=window)
     rasterio.shutil.copy(
         raw, tmp / VALID_TIF, driver="COG", compress="DEFLATE", blocksize=512, overview_resampling="nearest"
     )

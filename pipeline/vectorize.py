@@ -59,7 +59,7 @@ from skimage.filters import apply_hysteresis_threshold
 
 from pipeline.config import VectorizeSettings, check_month
 from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, block_windows
 from pipeline.formats import (
     FLAG_COLUMNS,
     FLAG_FLOAT_COLUMNS,
@@ -121,14 +121,6 @@ def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     labels, n = ndimage.label(mask)
     flat = labels.ravel()
     return labels, np.bincount(flat, weights=p.ravel(), minlength=n + 1), np.bincount(flat, minlength=n + 1)
-
-
-def _windows(width: int, height: int, size: int) -> list[Window]:
-    return [
-        Window(c, r, min(size, width - c), min(size, height - r))
-        for r in range(0, height, size)
-        for c in range(0, width, size)
-    ]
 
 
 def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings) -> dict[str, list[_Part]]:
@@ -339,7 +331,7 @@ def vectorize_month(
         crs = ds.crs
         settings = resolve_thresholds(settings, ds.tags())
         parts: dict[str, list[_Part]] = {k: [] for k in FLAG_KINDS}
-        for i, window in enumerate(_windows(ds.width, ds.height, settings.window_px)):
+        for i, window in enumerate(block_windows(ds.width, ds.height, settings.window_px)):
             for kind, found in _window_parts(ds, window, i, settings).items():
                 parts[kind].extend(found)
 
