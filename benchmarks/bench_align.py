@@ -91,7 +91,9 @@ def generate(root: Path, size: int, sheets: int) -> None:
 def run(root: Path, read: bool) -> dict[str, float]:
     """Align + tile (+ read) the pair under ``root``; return timings and this process's peak RSS."""
     from pipeline.config import AlignSettings, TileSettings
-    from pipeline.imagery import AlignedPair, align_pair, gdal_env
+    from pipeline.fileio import gdal_env
+    from pipeline.imagery import align_pair
+    from pipeline.pair import AlignedPair
     from pipeline.tiling import build_tiles, write_tile_index
 
     tile = TileSettings()  # type: ignore[call-arg]

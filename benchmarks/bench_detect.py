@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import detect as det  # noqa: E402
 from pipeline.config import DetectSettings  # noqa: E402
+from pipeline.nets.blocks import padded_size  # noqa: E402
+from pipeline.predictors import CheckpointPredictor, CvaPredictor, ModulePredictor, Predictor  # noqa: E402
 from pipeline.tiling import make_grid, write_tile_index  # noqa: E402
 
 log = logging.getLogger("bench_detect")
@@ -157,13 +159,13 @@ def run_one(
 ) -> dict[str, Any]:
     """One timed run of the stage."""
     settings = DetectSettings(method=method, device=device, batch_size=args.batch, workers=args.workers)  # type: ignore[arg-type,call-arg]
-    predictor: det.Predictor
+    predictor: Predictor
     if method == "cva":
-        predictor = det.CvaPredictor(sample_tiles=settings.cva_sample_tiles)
+        predictor = CvaPredictor(sample_tiles=settings.cva_sample_tiles)
     elif args.model:
-        predictor = det.CheckpointPredictor(Path(args.model), device=device)
+        predictor = CheckpointPredictor(Path(args.model), device=device)
     else:
-        predictor = det.ModulePredictor(StandInNet(), device=device)
+        predictor = ModulePredictor(StandInNet(), device=device)
     out = root / f"prob_{method}_{device}.tif"
     summary = det.detect_pair(
         pair_dir, tiles, out, settings, overlap=args.overlap, predictor=predictor, opener=open_tiff_pair
@@ -181,9 +183,9 @@ def run_one(
     }
 
 
-def _model_only_tiles_per_s(predictor: det.Predictor, args: argparse.Namespace) -> float:
+def _model_only_tiles_per_s(predictor: Predictor, args: argparse.Namespace) -> float:
     """Forward passes alone on one random batch (after the run warmed up): the ceiling for the pipeline."""
-    pad = -(-args.tile // det.PAD_MULTIPLE) * det.PAD_MULTIPLE
+    pad = padded_size(args.tile)
     x = np.random.default_rng(0).random((args.batch, 2, 3, pad, pad), dtype=np.float32)
     start = time.perf_counter()
     predictor(predictor.prepare(x))

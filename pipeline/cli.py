@@ -46,7 +46,7 @@ def stage(func: F) -> F:
     @click.pass_context
     @functools.wraps(func)
     def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> None:
-        from pipeline.imagery import gdal_env  # bounded GDAL block cache for every stage that reads rasters
+        from pipeline.fileio import gdal_env  # bounded GDAL block cache for every stage that reads rasters
 
         start = time.perf_counter()
         try:

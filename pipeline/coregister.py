@@ -178,7 +178,7 @@ def measure_blocks(
 
     Args:
         read: returns ((2, c, h, w) images as [prev, curr], (h, w) valid) for a window, like
-            :meth:`pipeline.imagery.AlignedPair.read`.
+            :meth:`pipeline.pair.AlignedPair.read`.
         windows: the blocks, from :func:`sample_windows`.
         max_shift_px: longer block shifts are rejected.
     """

@@ -1,8 +1,9 @@
 """Batched, blended, streaming change detection over the tiles of an aligned pair.
 
-:func:`detect_pair` reads the tile index, pushes the tiles through a :class:`Predictor` in batches and
-writes the probability COG of the month (bands ``p_new``, ``p_removed``; uint8 ``round(p * 254)``,
-255 = nodata outside the valid area; see ``docs/architecture.md``).
+:func:`detect_pair` reads the tile index, pushes the tiles in batches through a
+:class:`pipeline.predictors.Predictor` (a network checkpoint or the CVA baseline) and writes the
+probability COG of the month (bands ``p_new``, ``p_removed``; uint8 ``round(p * 254)``, 255 = nodata
+outside the valid area; the encoding and the tags are in :mod:`pipeline.formats`).
 
 How it works:
 
@@ -30,9 +31,7 @@ How it works:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import os
 import threading
 import time
@@ -42,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -52,34 +51,21 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.windows import Window
-from scipy import ndimage
 
 from pipeline.config import DetectSettings
-from pipeline.errors import ConfigError, CRSMismatchError, InputError, ModelError
+from pipeline.errors import ConfigError, CRSMismatchError, InputError
 from pipeline.fileio import atomic_path
+from pipeline.formats import PROB_BANDS, PROB_NODATA, encode_probabilities, probability_tags
+from pipeline.nets.blocks import STRIDE, pad_to_multiple, padded_size
+from pipeline.predictors import Predictor, make_predictor
 from pipeline.tiling import Tile, iter_batches, read_tile_index
+
+if TYPE_CHECKING:
+    from pipeline.pair import PairReader
 
 log = logging.getLogger(__name__)
 
-BAND_NAMES = ("p_new", "p_removed")
-NODATA = 255
-SCALE = 254
-PAD_MULTIPLE = 16
 BLOCK = 256
-
-
-class PairReader(Protocol):
-    """What the detector needs of an opened aligned pair (``pipeline.imagery.AlignedPair``)."""
-
-    crs: CRS
-    transform: Affine
-    width: int
-    height: int
-    count: int
-
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Return images float32 (2, count, h, w) in [0, 1] as [prev, curr] and the valid mask (h, w)."""
-        ...
 
 
 PairOpener = Callable[[Path], AbstractContextManager[Any]]
@@ -87,7 +73,7 @@ PairOpener = Callable[[Path], AbstractContextManager[Any]]
 
 def open_aligned_pair(pair_dir: Path) -> AbstractContextManager[Any]:
     """Open the aligned pair written by ``scarwatch align`` (the default opener; picklable)."""
-    from pipeline.imagery import AlignedPair
+    from pipeline.pair import AlignedPair
 
     return AlignedPair.open(pair_dir)  # type: ignore[no-any-return]
 
@@ -113,304 +99,6 @@ class DetectSummary:
     device: str
 
 
-# --------------------------------------------------------------------------------------------- devices
-
-
-def resolve_device(requested: str) -> torch.device:
-    """Turn ``auto`` / ``cpu`` / ``cuda[:N]`` into a torch device.
-
-    Raises:
-        ConfigError: CUDA requested but not available, or an unknown device name.
-    """
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"detect.device is {requested!r} but torch sees no CUDA device; "
-                "set detect.device to 'auto' or 'cpu' in params.yaml (or pass --device cpu)"
-            )
-        return torch.device(requested)
-    raise ConfigError(f"detect.device {requested!r} is unknown; use 'auto', 'cpu' or 'cuda'")
-
-
-# ------------------------------------------------------------------------------------------ predictors
-
-
-class Predictor(Protocol):
-    """A change model as the detector sees it: a batch (b, 2, c, h, w) in, probabilities (b, 2, h, w) out.
-
-    ``setup`` places the model (called once per process before use), ``fit`` learns whatever needs a
-    look at the data first (the CVA threshold; a no-op for networks), ``prepare`` runs in a reader
-    thread (pinning, starting the upload), ``__call__`` runs the model on a prepared batch.
-    """
-
-    def setup(self) -> str:
-        """Load and place the model; return the device name."""
-        ...
-
-    def fit(self, pair: Any, tiles: Sequence[Tile]) -> None:
-        """Learn data-dependent parameters from ``tiles`` of ``pair``."""
-        ...
-
-    def prepare(self, batch: np.ndarray) -> Any:
-        """Stage a float32 batch (b, 2, c, h, w) for the model."""
-        ...
-
-    def __call__(self, prepared: Any) -> np.ndarray:
-        """Return probabilities float32 (b, 2, h, w) as [new, removed]."""
-        ...
-
-
-class ModulePredictor:
-    """Runs a torch module that maps (b, 2, c, h, w) to logits (b, 2, h, w) (the ``pipeline.nets`` contract).
-
-    On CUDA: channels_last weights, autocast (bf16 where supported, else fp16), batches pinned and
-    uploaded with non-blocking copies on a side stream from the reader thread, so the next batch uploads
-    while the current one runs. On CPU: float32 on every core. Pickles with its weights on the CPU, so a
-    dask worker can rebuild it and pick its own device.
-
-    Args:
-        module: the network; its output is taken as logits.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        in_channels: bands the network expects (checked against the pair in :meth:`fit`); None skips it.
-    """
-
-    def __init__(self, module: torch.nn.Module | None, *, device: str = "auto", in_channels: int | None = None):
-        self.module = module
-        self.requested = device
-        self.in_channels = in_channels
-        self._device: torch.device | None = None
-        self._stream: Any = None
-        self._amp: torch.dtype | None = None
-        self._lock = threading.Lock()
-        self.threshold = 0.5  # decision threshold on the probabilities (a checkpoint carries a calibrated one)
-        self.object_threshold: float | None = None  # minimum mean p of a flag (calibrated by evaluate)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        module = state["module"]
-        if module is not None and any(p.device.type != "cpu" for p in module.parameters()):
-            state["module"] = copy.deepcopy(module).cpu()
-        state.update(_device=None, _stream=None, _amp=None, _lock=None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _load(self, device: torch.device) -> torch.nn.Module:
-        if self.module is None:
-            raise ModelError("ModulePredictor has no module; pass a torch.nn.Module")
-        return self.module
-
-    def setup(self) -> str:
-        """Resolve the device, move the module there and pick the autocast dtype (idempotent)."""
-        with self._lock:
-            if self._device is not None:
-                return str(self._device)
-            device = resolve_device(self.requested)
-            module = self._load(device).to(device).eval()
-            if device.type == "cuda":
-                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-                self._stream = torch.cuda.Stream(device=device)
-                self._amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            self.module = module
-            self._device = device
-            return str(device)
-
-    def fit(self, pair: Any, tiles: Sequence[Tile]) -> None:
-        """Check the network's band count against the pair."""
-        if self.in_channels is not None and int(pair.count) != self.in_channels:
-            raise ModelError(
-                f"the model expects {self.in_channels} bands but the pair has {pair.count}; "
-                "align with matching align.bands or use a checkpoint trained on those bands"
-            )
-
-    def prepare(self, batch: np.ndarray) -> Any:
-        """Wrap the batch as a tensor; on CUDA pin it and start its upload on the side stream."""
-        self.setup()
-        host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if self._device is None or self._device.type != "cuda":
-            return host
-        host = host.pin_memory()
-        with torch.cuda.stream(self._stream):
-            dev = host.to(self._device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return (dev, event, host)  # keep the pinned host tensor alive until the copy is done
-
-    def __call__(self, prepared: Any) -> np.ndarray:
-        """Run the module; return sigmoid probabilities as float32 numpy (b, 2, h, w)."""
-        if isinstance(prepared, np.ndarray):
-            prepared = self.prepare(prepared)
-        assert self.module is not None and self._device is not None  # set by setup() in prepare()
-        with torch.inference_mode():
-            if isinstance(prepared, tuple):
-                dev, event, _host = prepared
-                current = torch.cuda.current_stream(self._device)
-                current.wait_event(event)
-                dev.record_stream(current)
-                with torch.autocast("cuda", dtype=self._amp):
-                    logits = self.module(dev)
-            else:
-                logits = self.module(prepared)
-            probs = torch.sigmoid(logits.float())
-        return probs.cpu().numpy()
-
-
-class CheckpointPredictor(ModulePredictor):
-    """A :class:`ModulePredictor` over a checkpoint loaded lazily with ``pipeline.nets.checkpoint.ChangeModel.load``.
-
-    Lazy loading keeps the object small to pickle: dask workers load the checkpoint themselves, on their
-    own device. When ``ChangeModel`` exposes its torch module (it is one, or has ``module``/``net``/
-    ``model``), the CUDA path above is used; otherwise its own ``predict`` is called.
-
-    Args:
-        path: the checkpoint (``detect.model``).
-        device: ``auto``, ``cpu`` or ``cuda[:N]``.
-    """
-
-    def __init__(self, path: Path, *, device: str = "auto"):
-        super().__init__(None, device=device)
-        self.path = Path(path)
-        self._wrapper: Any = None
-        if not self.path.exists():
-            raise ModelError(f"{self.path}: checkpoint not found; set detect.model or run 'scarwatch train'")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(module=None, _wrapper=None, _device=None, _stream=None, _amp=None, _lock=None)
-        return state
-
-    def _load(self, device: torch.device) -> torch.nn.Module:
-        from pipeline.nets.checkpoint import ChangeModel
-
-        wrapper = ChangeModel.load(self.path, device=str(device))
-        self.in_channels = int(wrapper.in_channels)
-        # the calibrated thresholds travel into the probability COG's tags (fit loads in every mode)
-        self.threshold = float(getattr(wrapper, "threshold", None) or 0.5)
-        obj = getattr(wrapper, "object_threshold", None)
-        self.object_threshold = None if obj is None else float(obj)
-        if isinstance(wrapper, torch.nn.Module):
-            return wrapper
-        for name in ("module", "net", "model"):
-            candidate = getattr(wrapper, name, None)
-            if isinstance(candidate, torch.nn.Module):
-                return candidate
-        self._wrapper = wrapper
-        return torch.nn.Identity()
-
-    def fit(self, pair: Any, tiles: Sequence[Tile]) -> None:
-        """Load the checkpoint and check its band count against the pair."""
-        self.setup()
-        super().fit(pair, tiles)
-
-    def prepare(self, batch: np.ndarray) -> Any:
-        """Stage the batch (plain numpy when the wrapper does its own device handling)."""
-        self.setup()
-        return batch if self._wrapper is not None else super().prepare(batch)
-
-    def __call__(self, prepared: Any) -> np.ndarray:
-        """Predict probabilities (b, 2, h, w)."""
-        self.setup()
-        if self._wrapper is not None:
-            return np.asarray(self._wrapper.predict(np.asarray(prepared, dtype=np.float32)), dtype=np.float32)
-        return super().__call__(prepared)
-
-
-class CvaPredictor:
-    """Change vector analysis: the training-free baseline, with statistics fitted once for the whole pair.
-
-    The same recipe as :func:`pipeline.nets.cva.cva_probabilities` (bands smoothed by a Gaussian of
-    ``sigma`` px and standardised over both epochs, magnitude = Euclidean distance of the standardised
-    band vectors, Otsu threshold ``t``, ``p = sigmoid((m - t) / (softness t))``, a brighter current
-    epoch means *new*, a darker one *removed*), except that the band means and deviations and ``t``
-    come from up to ``sample_tiles`` tiles spread over the index (:meth:`fit`) instead of from each
-    tile, so neighbouring tiles agree and blend without seams.
-
-    Args:
-        sample_tiles: how many tiles :meth:`fit` reads.
-        sigma: Gaussian smoothing of each band, in pixels.
-        softness: width of the logistic ramp as a fraction of the threshold.
-    """
-
-    def __init__(self, *, sample_tiles: int = 64, sigma: float = 1.0, softness: float = 0.1):
-        self.sample_tiles = sample_tiles
-        self.sigma = sigma
-        self.softness = softness
-        self.mean: np.ndarray | None = None
-        self.std: np.ndarray | None = None
-        self.magnitude_threshold: float | None = None  # Otsu threshold on the change magnitude, from fit()
-        # the decision threshold on the probabilities detect writes: p = 0.5 exactly at the Otsu magnitude
-        self.threshold = 0.5
-
-    def setup(self) -> str:
-        """CVA runs with numpy on the CPU."""
-        return "cpu"
-
-    def _smooth(self, batch: np.ndarray) -> np.ndarray:
-        if self.sigma <= 0:
-            return batch
-        sigma = (0,) * (batch.ndim - 2) + (self.sigma, self.sigma)
-        return np.asarray(ndimage.gaussian_filter(batch, sigma=sigma, mode="reflect"), dtype=np.float32)
-
-    def _magnitude(self, smooth: np.ndarray) -> np.ndarray:
-        assert self.mean is not None and self.std is not None  # set by fit()
-        diff = (smooth[:, 1] - smooth[:, 0]) / self.std[None, :, None, None]
-        return np.sqrt((diff * diff).sum(axis=1))
-
-    def fit(self, pair: Any, tiles: Sequence[Tile]) -> None:
-        """Fit band statistics and the Otsu threshold on valid pixels of sampled tiles."""
-        from skimage.filters import threshold_otsu
-
-        n = min(self.sample_tiles, len(tiles))
-        picks = np.unique(np.linspace(0, len(tiles) - 1, n).round().astype(int)) if n else np.zeros(0, int)
-        samples = []
-        for i in picks:
-            images, valid = pair.read(tiles[int(i)].window)
-            values = self._smooth(images[None])[0][:, :, valid]  # (2, c, n)
-            samples.append(values[:, :, :: max(1, values.shape[-1] // 20000)])
-        count = int(pair.count)
-        pooled = np.concatenate(samples, axis=-1) if samples else np.zeros((2, count, 0), np.float32)
-        if pooled.shape[-1] < 2:
-            self.mean, self.std, self.magnitude_threshold = np.zeros(count), np.ones(count), 1.0
-            log.warning("CVA: no valid pixels in %d sampled tiles; threshold set to 1.0", len(picks))
-            return
-        self.mean = pooled.mean(axis=(0, 2))
-        self.std = pooled.std(axis=(0, 2)) + 1e-6
-        mag = self._magnitude(pooled[None, ..., None])[0, :, 0]
-        self.magnitude_threshold = float(threshold_otsu(mag)) if float(mag.max()) > float(mag.min()) else 1.0
-        log.info("CVA threshold %.4f from %d pixels of %d tiles", self.magnitude_threshold, mag.size, len(picks))
-
-    def prepare(self, batch: np.ndarray) -> np.ndarray:
-        """CVA needs no staging."""
-        return batch
-
-    def __call__(self, prepared: np.ndarray) -> np.ndarray:
-        """Probabilities (b, 2, h, w) of new / removed change."""
-        if self.magnitude_threshold is None:
-            raise ModelError("CVA statistics not fitted; call fit(pair, tiles) before predicting")
-        smooth = self._smooth(np.asarray(prepared, dtype=np.float32))
-        t = max(self.magnitude_threshold, 1e-6)
-        p = _sigmoid((self._magnitude(smooth) - t) / max(self.softness * t, 1e-6))
-        brighter = smooth[:, 1].mean(axis=1) > smooth[:, 0].mean(axis=1)
-        return np.stack([np.where(brighter, p, 0.0), np.where(brighter, 0.0, p)], axis=1).astype(np.float32)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x, -30, 30))))
-
-
-def make_predictor(settings: DetectSettings) -> Predictor:
-    """The predictor ``settings.method`` asks for (device resolved later, where the model runs)."""
-    if settings.method == "cva":
-        return CvaPredictor(sample_tiles=settings.cva_sample_tiles)
-    return CheckpointPredictor(settings.model, device=settings.device)
-
-
 # ------------------------------------------------------------------------------------ tiles and blending
 
 
@@ -432,8 +120,8 @@ def blend_ramp(size: int, overlap: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def load_batch(pair: Any, tiles: Sequence[Tile], pad_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Read ``tiles`` and pad each by reflection to ``pad_size`` square.
+def load_batch(pair: PairReader, tiles: Sequence[Tile], pad_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Read ``tiles`` and pad each by reflection to ``pad_size`` square (a multiple of ``STRIDE``).
 
     Returns:
         The batch float32 (b, 2, c, pad_size, pad_size) and each tile's valid mask (h, w).
@@ -444,9 +132,7 @@ def load_batch(pair: Any, tiles: Sequence[Tile], pad_size: int) -> tuple[np.ndar
         h, w = images.shape[-2:]
         if (h, w) != (tile.height, tile.width):
             raise InputError(f"tile {tile.tile_id}: read {h}x{w} pixels, index says {tile.height}x{tile.width}")
-        if h < pad_size or w < pad_size:
-            images = np.pad(images, ((0, 0), (0, 0), (0, pad_size - h), (0, pad_size - w)), mode="reflect")
-        xs.append(images)
+        xs.append(pad_to_multiple(images, STRIDE, min_size=pad_size))
         valids.append(np.asarray(valid, dtype=bool))
     return np.stack(xs).astype(np.float32, copy=False), valids
 
@@ -515,13 +201,6 @@ class StripBlender:
         self.flush(self.height)
 
 
-def to_uint8(probs: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Probabilities (2, h, w) to the stored encoding: ``round(p * 254)``, 255 where not ``ok``."""
-    out = np.rint(np.clip(probs, 0.0, 1.0) * SCALE).astype(np.uint8)
-    out[:, ~ok] = NODATA
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- output
 
 
@@ -540,7 +219,7 @@ class _CogWriter:
             "dtype": "uint8",
             "crs": crs,
             "transform": transform,
-            "nodata": NODATA,
+            "nodata": PROB_NODATA,
             "tiled": True,
             "blockxsize": BLOCK,
             "blockysize": BLOCK,
@@ -548,12 +227,12 @@ class _CogWriter:
             "BIGTIFF": "IF_SAFER",
         }
         self.ds = rasterio.open(self.tmp, "w", **profile)
-        for i, name in enumerate(BAND_NAMES, start=1):
+        for i, name in enumerate(PROB_BANDS, start=1):
             self.ds.set_band_description(i, name)
         self.ds.update_tags(**tags)
 
     def write(self, row_off: int, probs: np.ndarray, ok: np.ndarray) -> None:
-        self.ds.write(to_uint8(probs, ok), window=Window(0, row_off, probs.shape[2], probs.shape[1]))
+        self.ds.write(encode_probabilities(probs, ok), window=Window(0, row_off, probs.shape[2], probs.shape[1]))
 
     def finish(self) -> None:
         width, height = self.ds.width, self.ds.height
@@ -744,7 +423,7 @@ def detect_pair(
 
     with opener(pair_dir) as pair:
         crs, transform, width, height = CRS.from_user_input(pair.crs), pair.transform, pair.width, pair.height
-        month = str(getattr(pair, "month", ""))
+        month = str(pair.month)
         if tiles_crs != crs:
             raise CRSMismatchError(
                 f"{tiles_path}: tile index CRS differs from the pair in {pair_dir}; rerun 'scarwatch tile'"
@@ -756,10 +435,10 @@ def detect_pair(
                 )
         predictor.fit(pair, tiles)
 
-    size = max((max(t.height, t.width) for t in tiles), default=PAD_MULTIPLE)
+    size = max((max(t.height, t.width) for t in tiles), default=STRIDE)
     if 2 * overlap > size:
         raise ConfigError(f"tile.overlap {overlap!r} exceeds half the tile size {size!r}; lower it in params.yaml")
-    pad_size = math.ceil(size / PAD_MULTIPLE) * PAD_MULTIPLE
+    pad_size = padded_size(size)
     ramp = blend_ramp(size, overlap)
     batches = list(iter_batches(tiles, settings.batch_size))
     log.info(
@@ -771,16 +450,7 @@ def detect_pair(
         overlap,
     )
 
-    tags = {
-        "month": month,
-        "encoding": "round(p*254), 255=nodata",
-        "method": settings.method,
-        # the model's calibrated decision threshold; vectorize seeds objects at it unless vectorize.high is set
-        "threshold": f"{float(getattr(predictor, 'threshold', 0.5)):.4f}",
-    }
-    object_threshold = getattr(predictor, "object_threshold", None)
-    if object_threshold is not None:  # vectorize drops objects whose mean p is below it (pipeline/flagcheck.py)
-        tags["object_threshold"] = f"{float(object_threshold):.4f}"
+    tags = probability_tags(month, settings.method, predictor.threshold, predictor.object_threshold)
     writer = _CogWriter(out_path, width=width, height=height, crs=crs, transform=transform, tags=tags)
     blender = StripBlender(width, height, writer.write)
     devices: set[str] = set()

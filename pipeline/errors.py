@@ -54,3 +54,16 @@ class LedgerError(ScarWatchError, ValueError):
 
 class IllegalTransitionError(LedgerError):
     """A case event that its current lifecycle state does not allow."""
+
+
+class DeviceError(ConfigError, ModelError):
+    """The device a stage is asked to run on (``detect.device``, ``train.device``) is unknown or absent.
+
+    Both a setting error and a model error: callers that catch either keep catching it.
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when it has none), to quote in a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -6,5 +6,119 @@ import the constants and helpers from here and keep no copies of their own.
 
 from __future__ import annotations
 
+import hashlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+
 #: Square metres in one 亩 (mu), the Chinese land unit the bureaus report areas in.
 MU_M2 = 2000.0 / 3.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The aligned pair folder (<interim>/aligned/<month>/): written by pipeline.imagery.align_pair, read by
+# pipeline.pair.AlignedPair.
+
+PAIR_JSON = "pair.json"
+"""The pair's description: grid, sheets (paths relative to the folder), bands, shift and histogram tables."""
+PAIR_VERSION = 1
+"""The ``version`` key of ``pair.json``."""
+VALID_TIF = "valid.tif"
+"""uint8 COG over the grid: :data:`VALID_ON` where both epochs have data, 0 elsewhere."""
+VALID_ON = 255
+
+
+def encode_valid(valid: np.ndarray) -> np.ndarray:
+    """The stored ``valid.tif`` values (uint8) of a bool mask."""
+    return np.asarray(valid, bool) * np.uint8(VALID_ON)
+
+
+def decode_valid(stored: np.ndarray) -> np.ndarray:
+    """The bool mask of stored ``valid.tif`` values (anything above half of :data:`VALID_ON`, as GDAL masks)."""
+    return np.asarray(stored) > VALID_ON // 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The probability COG (<processed>/prob/<month>.tif): written by pipeline.detect, read by pipeline.vectorize.
+# Two uint8 bands, value = round(p * PROB_SCALE), PROB_NODATA outside the valid area.
+
+PROB_BANDS = ("p_new", "p_removed")
+"""Band descriptions, in band order (the order of :data:`FLAG_KINDS`)."""
+PROB_SCALE = 254
+PROB_NODATA = 255
+PROB_ENCODING = f"round(p*{PROB_SCALE}), {PROB_NODATA}=nodata"
+"""The value of the :data:`TAG_ENCODING` tag."""
+
+TAG_MONTH = "month"
+TAG_ENCODING = "encoding"
+TAG_METHOD = "method"
+"""``detect.method``: ``cnn`` or ``cva``."""
+TAG_THRESHOLD = "threshold"
+"""The model's calibrated decision threshold on p; vectorize seeds objects at it unless ``vectorize.high`` is set."""
+TAG_OBJECT_THRESHOLD = "object_threshold"
+"""The calibrated minimum mean p of a flag (absent: not calibrated); see :mod:`pipeline.flagcheck`."""
+
+
+def encode_probabilities(probs: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Probabilities ``(2, h, w)`` to the stored uint8 values; :data:`PROB_NODATA` where ``ok`` is False."""
+    out = np.rint(np.clip(probs, 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+    out[:, ~ok] = PROB_NODATA
+    return out
+
+
+def decode_probabilities(stored: np.ndarray) -> np.ndarray:
+    """Stored uint8 values to float32 probabilities; nodata reads as 0 (no change)."""
+    return np.where(stored == PROB_NODATA, 0.0, stored / float(PROB_SCALE)).astype(np.float32)
+
+
+def probability_tags(month: str, method: str, threshold: float, object_threshold: float | None) -> dict[str, str]:
+    """The tags the probability COG carries (thresholds with 4 decimals; no object threshold: no tag)."""
+    tags = {
+        TAG_MONTH: month,
+        TAG_ENCODING: PROB_ENCODING,
+        TAG_METHOD: method,
+        TAG_THRESHOLD: f"{float(threshold):.4f}",
+    }
+    if object_threshold is not None:
+        tags[TAG_OBJECT_THRESHOLD] = f"{float(object_threshold):.4f}"
+    return tags
+
+
+def tag_float(tags: dict[str, str], name: str, default: float) -> float:
+    """A number tag of the probability COG, ``default`` when it is absent or not a number."""
+    try:
+        return float(tags.get(name, default))
+    except ValueError:
+        return default
+
+
+# ---------------------------------------------------------------------------------------------------
+# The flags of a month (<processed>/flags/<month>.gpkg, layer FLAGS_LAYER, and its GeoParquet twin):
+# written by pipeline.vectorize, read by the ledger, the map and the report.
+
+FLAG_KINDS = ("new", "removed")
+"""The kinds of flag, in the order of the probability bands (:data:`PROB_BANDS`)."""
+FLAGS_LAYER = "flags"
+FLAG_COLUMNS = ("flag_id", "month", "kind", "area_m2", "area_mu", "p_mean", "p_max", "lon", "lat", "district", "street")
+"""The attribute columns of a flag, in order (then ``geometry``: a Polygon in the grid's CRS)."""
+FLAG_FLOAT_COLUMNS = ("area_m2", "area_mu", "p_mean", "p_max", "lon", "lat")
+"""The float64 columns of :data:`FLAG_COLUMNS`; the others are text."""
+
+
+def flag_id(month: str, kind: str, geom: BaseGeometry) -> str:
+    """Stable id of a flag: ``F<YYYYMM>-<N|R>-<first 8 hex of sha1(month|kind|geometry at 0.1 m)>``.
+
+    The same polygon of the same month and kind gets the same id in every run.
+
+    >>> from shapely.geometry import box
+    >>> flag_id("2026-03", "new", box(0, 0, 10, 10))[:10]
+    'F202603-N-'
+    """
+    import shapely
+
+    wkt = shapely.to_wkt(shapely.normalize(geom), rounding_precision=1, trim=True)
+    digest = hashlib.sha1(f"{month}|{kind}|{wkt}".encode()).hexdigest()[:8]
+    return f"F{month.replace('-', '')}-{kind[0].upper()}-{digest}"

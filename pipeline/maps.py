@@ -125,7 +125,7 @@ def _own_css() -> str:
 
 def _open_pair(pair_dir: Path) -> AbstractContextManager[Any]:
     """Open the aligned pair (``pipeline.imagery.AlignedPair``); a seam that tests replace."""
-    from pipeline.imagery import AlignedPair
+    from pipeline.pair import AlignedPair
 
     return AlignedPair.open(pair_dir)
 

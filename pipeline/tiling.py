@@ -191,7 +191,7 @@ def iter_batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
 
 def tile_pair(pair_dir: str | Path, out_path: str | Path, settings: TileSettings) -> list[Tile]:
     """The ``tile`` stage: lay the grid over an aligned pair and write its GeoParquet index."""
-    from pipeline.imagery import AlignedPair  # imagery pulls in the warping stack; keep tiling light
+    from pipeline.pair import AlignedPair  # the pair pulls in the warping stack; keep tiling light
 
     with AlignedPair.open(Path(pair_dir)) as pair:
         tiles = build_tiles(pair, size=settings.size, overlap=settings.overlap, min_valid=settings.min_valid)

@@ -28,15 +28,15 @@ holes, is dropped below ``min_area_m2``, is regularised or simplified, and slive
   polygon's area (orientation from the data, area preserved); otherwise it is simplified by
   ``simplify_m`` (Douglas-Peucker, topology preserved).
 
-Attributes: ``flag_id`` (``F<YYYYMM>-<N|R>-<8 hex of sha1(month, kind, geometry rounded to 0.1 m)>``,
-stable across runs), ``month``, ``kind``, ``area_m2``, ``area_mu`` (亩 = 10000/15 m² ≈ 666.67 m²),
-``p_mean``, ``p_max``, ``lon``/``lat`` of the centroid in EPSG:4326, ``district`` and ``street`` of the
-polygon of ``layers_dir/districts.gpkg`` / ``streets.gpkg`` holding the centroid ('' when none).
+Attributes (the schema is in :mod:`pipeline.formats`): ``flag_id``
+(``F<YYYYMM>-<N|R>-<8 hex of sha1(month, kind, geometry rounded to 0.1 m)>``, stable across runs),
+``month``, ``kind``, ``area_m2``, ``area_mu`` (亩 = 10000/15 m² ≈ 666.67 m²), ``p_mean``, ``p_max``,
+``lon``/``lat`` of the centroid in EPSG:4326, ``district`` and ``street`` of the polygon of
+``layers_dir/districts.gpkg`` / ``streets.gpkg`` holding the centroid ('' when none).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -59,17 +59,23 @@ from skimage.filters import apply_hysteresis_threshold
 
 from pipeline.config import VectorizeSettings, check_month
 from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, block_windows
+from pipeline.formats import (
+    FLAG_COLUMNS,
+    FLAG_FLOAT_COLUMNS,
+    FLAG_KINDS,
+    FLAGS_LAYER,
+    TAG_OBJECT_THRESHOLD,
+    TAG_THRESHOLD,
+    decode_probabilities,
+    flag_id,
+    tag_float,
+)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("new", "removed")
 DEFAULT_HIGH = 0.6  # seed threshold when neither vectorize.high nor the probability COG says one
-NODATA = 255
-SCALE = 254.0
 MU_M2 = 10000.0 / 15.0  # one 亩
-COLUMNS = ("flag_id", "month", "kind", "area_m2", "area_mu", "p_mean", "p_max", "lon", "lat", "district", "street")
-_FLOAT_COLUMNS = ("area_m2", "area_mu", "p_mean", "p_max", "lon", "lat")
 _FOOTPRINT = np.ones((3, 3), bool)
 
 
@@ -85,13 +91,6 @@ class _Part:
     on_seam: bool
 
 
-def _tag(tags: dict[str, str], name: str, default: float) -> float:
-    try:
-        return float(tags.get(name, default))
-    except ValueError:
-        return default
-
-
 def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> VectorizeSettings:
     """Settings with a concrete ``high`` and ``min_p_mean``: params first, else the detector's calibration.
 
@@ -100,8 +99,8 @@ def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> Vec
     consistent with the model card. ``low`` never exceeds ``high``; without a calibrated object threshold
     every seeded object is kept (``min_p_mean`` 0).
     """
-    high = settings.high if settings.high is not None else _tag(tags, "threshold", DEFAULT_HIGH)
-    min_p_mean = settings.min_p_mean if settings.min_p_mean is not None else _tag(tags, "object_threshold", 0.0)
+    high = settings.high if settings.high is not None else tag_float(tags, TAG_THRESHOLD, DEFAULT_HIGH)
+    min_p_mean = settings.min_p_mean if settings.min_p_mean is not None else tag_float(tags, TAG_OBJECT_THRESHOLD, 0.0)
     return settings.model_copy(update={"high": high, "low": min(settings.low, high), "min_p_mean": min_p_mean})
 
 
@@ -124,14 +123,6 @@ def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return labels, np.bincount(flat, weights=p.ravel(), minlength=n + 1), np.bincount(flat, minlength=n + 1)
 
 
-def _windows(width: int, height: int, size: int) -> list[Window]:
-    return [
-        Window(c, r, min(size, width - c), min(size, height - r))
-        for r in range(0, height, size)
-        for c in range(0, width, size)
-    ]
-
-
 def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings) -> dict[str, list[_Part]]:
     """Objects of both kinds in one window's core (context read from the halo around it)."""
     halo = settings.halo_px
@@ -149,9 +140,8 @@ def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings
         core.col_off + core.width < ds.width,
     )
     out: dict[str, list[_Part]] = {}
-    for band, kind in enumerate(KINDS):
-        raw = data[band]
-        p = np.where(raw == NODATA, 0.0, raw / SCALE).astype(np.float32)
+    for band, kind in enumerate(FLAG_KINDS):
+        p = decode_probabilities(data[band])
         pc = p[rows, cols]
         labels, sums, counts = label_objects(clean_mask(p, settings)[rows, cols], pc)
         n = len(counts) - 1
@@ -255,20 +245,11 @@ def shape_object(geom: BaseGeometry, settings: VectorizeSettings) -> list[Polygo
     return out
 
 
-def flag_id(month: str, kind: str, geom: BaseGeometry) -> str:
-    """Stable id of a flag: ``F<YYYYMM>-<N|R>-<first 8 hex of sha1(month|kind|geometry at 0.1 m)>``.
-
-    >>> flag_id("2026-03", "new", Polygon([(0, 0), (10, 0), (10, 10), (0, 10)]))[:10]
-    'F202603-N-'
-    """
-    wkt = shapely.to_wkt(shapely.normalize(geom), rounding_precision=1, trim=True)
-    digest = hashlib.sha1(f"{month}|{kind}|{wkt}".encode()).hexdigest()[:8]
-    return f"F{month.replace('-', '')}-{kind[0].upper()}-{digest}"
-
-
 def empty_flags(crs: CRS | str | None) -> gpd.GeoDataFrame:
     """An empty flags table with the full schema."""
-    data: dict[str, Any] = {c: pd.Series(dtype="float64" if c in _FLOAT_COLUMNS else "object") for c in COLUMNS}
+    data: dict[str, Any] = {
+        c: pd.Series(dtype="float64" if c in FLAG_FLOAT_COLUMNS else "object") for c in FLAG_COLUMNS
+    }
     return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
@@ -299,7 +280,7 @@ def _join_layer(points: gpd.GeoSeries, path: Path, column: str) -> list[str]:
 def _write(gdf: gpd.GeoDataFrame, out_path: Path) -> None:
     """Write the GeoPackage layer ``flags`` and the GeoParquet twin, each via a temporary file."""
     with atomic_path(out_path) as tmp:
-        gdf.to_file(tmp, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+        gdf.to_file(tmp, layer=FLAGS_LAYER, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
     with atomic_path(out_path.with_suffix(".parquet")) as tmp:
         gdf.to_parquet(tmp, index=False)
 
@@ -322,7 +303,7 @@ def vectorize_month(
         layers_dir: folder with ``districts.gpkg`` and ``streets.gpkg``; None leaves both columns empty.
 
     Returns:
-        The flags (columns of :data:`COLUMNS` plus geometry, in the grid CRS), as written.
+        The flags (columns of :data:`pipeline.formats.FLAG_COLUMNS` plus geometry, in the grid CRS), as written.
 
     Raises:
         ConfigError: ``month`` is not ``YYYY-MM``.
@@ -349,15 +330,15 @@ def vectorize_month(
             raise CRSError(f"{prob_path}: raster has no CRS; rerun 'scarwatch align' and 'detect'")
         crs = ds.crs
         settings = resolve_thresholds(settings, ds.tags())
-        parts: dict[str, list[_Part]] = {k: [] for k in KINDS}
-        for i, window in enumerate(_windows(ds.width, ds.height, settings.window_px)):
+        parts: dict[str, list[_Part]] = {k: [] for k in FLAG_KINDS}
+        for i, window in enumerate(block_windows(ds.width, ds.height, settings.window_px)):
             for kind, found in _window_parts(ds, window, i, settings).items():
                 parts[kind].extend(found)
 
     rows: list[dict[str, Any]] = []
     geoms: list[Polygon] = []
     dropped = 0
-    for kind in KINDS:
+    for kind in FLAG_KINDS:
         for obj in _merge_seams(parts[kind]):
             if obj.p_sum / max(obj.n, 1) < (settings.min_p_mean or 0.0):
                 dropped += 1
@@ -386,7 +367,7 @@ def vectorize_month(
         for column, name in (("district", "districts.gpkg"), ("street", "streets.gpkg")):
             flags[column] = _join_layer(centroids, layers_dir / name, column) if layers_dir else [""] * len(flags)
         order = np.lexsort((centroids.x.to_numpy(), -centroids.y.to_numpy(), flags["kind"].to_numpy()))
-        flags = flags.iloc[order].reset_index(drop=True)[[*COLUMNS, "geometry"]]
+        flags = flags.iloc[order].reset_index(drop=True)[[*FLAG_COLUMNS, "geometry"]]
         flags = flags.drop_duplicates("flag_id").reset_index(drop=True)
     _write(flags, out_path)
     log.info(
@@ -438,7 +419,7 @@ def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month:
     flags = flags_gdf[flags_gdf["month"].astype(str) == month]
     out: dict[str, Any] = {}
     totals: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in FLAG_KINDS:
         pred = flags.geometry[flags["kind"] == kind]
         true = truth.geometry[truth["kind"] == kind]
         out[kind] = {}

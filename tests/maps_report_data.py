@@ -196,7 +196,7 @@ def write_inputs(root: Path) -> dict[str, Path]:
 
 @dataclass
 class FakePair:
-    """Stands in for ``pipeline.imagery.AlignedPair``: 4 m pixels over the 2 km town, new roofs bright."""
+    """Stands in for ``pipeline.pair.AlignedPair``: 4 m pixels over the 2 km town, new roofs bright."""
 
     res: float = 4.0
     count: int = 3

@@ -19,8 +19,11 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from pipeline import detect as det
-from pipeline.config import DetectSettings
+from pipeline.config import DetectSettings, VectorizeSettings
 from pipeline.errors import ConfigError, CRSMismatchError, ModelError
+from pipeline.formats import PROB_NODATA, PROB_SCALE, encode_probabilities, probability_tags
+from pipeline.nets.device import resolve_device
+from pipeline.predictors import CheckpointPredictor, CvaPredictor, ModulePredictor, make_predictor
 from pipeline.tiling import make_grid, write_tile_index
 
 CRS_CODE = "EPSG:4551"
@@ -103,7 +106,7 @@ def tile_index(tmp: Path, pair_dir: Path, size: int, overlap: int) -> Path:
 
 def run(tmp: Path, pair_dir: Path, size: int, overlap: int, **kw: Any) -> tuple[np.ndarray, det.DetectSummary]:
     settings = kw.pop("settings", DetectSettings(method="cnn", device="cpu", batch_size=3, workers=2))
-    predictor = kw.pop("predictor", None) or det.ModulePredictor(ConvNet(), device="cpu")
+    predictor = kw.pop("predictor", None) or ModulePredictor(ConvNet(), device="cpu")
     out = tmp / f"prob_{size}_{overlap}_{kw.get('scheduler') is not None}.tif"
     summary = det.detect_pair(
         pair_dir,
@@ -139,7 +142,7 @@ def test_tiled_equals_whole_away_from_border(tmp_path: Path, size: int, overlap:
     m = 8
     a = whole[:, m:-m, m:-m].astype(int)
     b = tiled[:, m:-m, m:-m].astype(int)
-    assert (a != det.NODATA).all() and (b != det.NODATA).all()
+    assert (a != PROB_NODATA).all() and (b != PROB_NODATA).all()
     diff = np.abs(a - b)
     assert diff.max() <= 2, f"max diff {diff.max()} / 254"
     assert diff.mean() < 0.05
@@ -158,8 +161,8 @@ def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path)
     probs, summary = run(tmp_path, pair_dir, 64, 16)
     valid = np.load(pair_dir / "valid.npy")
-    assert (probs[:, ~valid] == det.NODATA).all()
-    assert (probs[:, valid] <= det.SCALE).all()
+    assert (probs[:, ~valid] == PROB_NODATA).all()
+    assert (probs[:, valid] <= PROB_SCALE).all()
     assert summary.out_path.exists() and summary.tiles_per_s > 0 and summary.km2_per_hour > 0
     assert summary.device == "cpu"
     with rasterio.open(summary.out_path) as ds:
@@ -167,7 +170,7 @@ def test_nodata_outside_valid_area_and_cog_layout(tmp_path: Path) -> None:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert ds.count == 2 and ds.dtypes == ("uint8", "uint8")
         assert ds.descriptions == ("p_new", "p_removed")
-        assert ds.nodata == det.NODATA
+        assert ds.nodata == PROB_NODATA
         assert ds.crs == CRS.from_user_input(CRS_CODE)
         assert ds.transform == TRANSFORM
         assert ds.overviews(1) and ds.overviews(2)
@@ -186,14 +189,14 @@ def test_missing_tiles_come_out_as_nodata(tmp_path: Path) -> None:
     out = tmp_path / "partial.tif"
     settings = DetectSettings(device="cpu", batch_size=2)
     det.detect_pair(
-        pair_dir, index, out, settings, overlap=16, predictor=det.ModulePredictor(ConvNet()), opener=open_npy_pair
+        pair_dir, index, out, settings, overlap=16, predictor=ModulePredictor(ConvNet()), opener=open_npy_pair
     )
     with rasterio.open(out) as ds:
         probs = ds.read()
     row1 = next(t for t in tiles if t.row == 1)
     gap = slice(row1.row_off + 16, row1.row_off + row1.height - 16)  # rows only the dropped tiles covered
-    assert (probs[:, gap] == det.NODATA).all()
-    assert (probs[:, :32] != det.NODATA).all()
+    assert (probs[:, gap] == PROB_NODATA).all()
+    assert (probs[:, :32] != PROB_NODATA).all()
 
 
 def test_strip_blender_rejects_out_of_order_tiles() -> None:
@@ -256,8 +259,8 @@ def test_strip_blender_flushes_the_same_values_as_a_whole_raster_blend() -> None
 def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path, invalid=False)
     settings = DetectSettings(method="cva", device="cpu", batch_size=4, cva_sample_tiles=8)
-    predictor = det.make_predictor(settings)
-    assert isinstance(predictor, det.CvaPredictor)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, CvaPredictor)
     probs, _ = run(tmp_path, pair_dir, 64, 16, settings=settings, predictor=predictor)
     assert predictor.magnitude_threshold is not None and predictor.magnitude_threshold > 0
     with rasterio.open(tmp_path / "prob_64_16_False.tif") as ds:
@@ -270,27 +273,27 @@ def test_cva_predictor_flags_the_new_block(tmp_path: Path) -> None:
 
 def test_cva_needs_fit() -> None:
     with pytest.raises(ModelError, match="fit"):
-        det.CvaPredictor()(np.zeros((1, 2, 3, 8, 8), np.float32))
+        CvaPredictor()(np.zeros((1, 2, 3, 8, 8), np.float32))
 
 
 def test_module_predictor_checks_bands(tmp_path: Path) -> None:
     pair_dir = make_pair(tmp_path, invalid=False)
     with pytest.raises(ModelError, match="expects 4 bands but the pair has 3"):
-        run(tmp_path, pair_dir, 64, 16, predictor=det.ModulePredictor(ConvNet(), device="cpu", in_channels=4))
+        run(tmp_path, pair_dir, 64, 16, predictor=ModulePredictor(ConvNet(), device="cpu", in_channels=4))
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"checkpoint not found; set detect.model"):
-        det.make_predictor(DetectSettings(model=tmp_path / "nope.pt"))
+        make_predictor(DetectSettings(model=tmp_path / "nope.pt"))
 
 
 def test_cuda_without_cuda_is_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert det.resolve_device("auto").type == "cpu"
+    assert resolve_device("auto").type == "cpu"
     with pytest.raises(ConfigError, match="no CUDA device.*--device cpu"):
-        det.resolve_device("cuda")
+        resolve_device("cuda")
     with pytest.raises(ConfigError, match="unknown"):
-        det.resolve_device("tpu")
+        resolve_device("tpu")
     pair_dir = make_pair(tmp_path, invalid=False)
     out = tmp_path / "never.tif"
     with pytest.raises(ConfigError, match="no CUDA device"):
@@ -300,7 +303,7 @@ def test_cuda_without_cuda_is_config_error(tmp_path: Path, monkeypatch: pytest.M
             out,
             DetectSettings(device="cuda"),
             overlap=16,
-            predictor=det.ModulePredictor(ConvNet(), device="cuda"),
+            predictor=ModulePredictor(ConvNet(), device="cuda"),
             opener=open_npy_pair,
         )
     assert not out.exists()
@@ -318,7 +321,7 @@ def test_crs_mismatch_between_index_and_pair(tmp_path: Path) -> None:
             tmp_path / "x.tif",
             DetectSettings(device="cpu"),
             overlap=16,
-            predictor=det.ModulePredictor(ConvNet()),
+            predictor=ModulePredictor(ConvNet()),
             opener=open_npy_pair,
         )
 
@@ -332,7 +335,7 @@ def test_bad_scheduler_address(tmp_path: Path) -> None:
 def test_predictor_pickles_without_runtime_state() -> None:
     import pickle
 
-    predictor = det.ModulePredictor(ConvNet(), device="cpu")
+    predictor = ModulePredictor(ConvNet(), device="cpu")
     predictor.setup()
     clone = pickle.loads(pickle.dumps(predictor))
     assert clone._device is None
@@ -373,15 +376,33 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
     )
     pair_dir = make_pair(tmp_path, height=120, width=136)
     settings = DetectSettings(method="cnn", model=path, device="cpu", batch_size=2)
-    predictor = det.make_predictor(settings)
-    assert isinstance(predictor, det.CheckpointPredictor)
+    predictor = make_predictor(settings)
+    assert isinstance(predictor, CheckpointPredictor)
     probs, summary = run(tmp_path, pair_dir, 128, 16, settings=settings, predictor=predictor)
     assert summary.device == "cpu" and summary.n_tiles == 2 and predictor.in_channels == 3
     with rasterio.open(summary.out_path) as ds:
         assert ds.tags()["threshold"] == "0.8000"  # the calibrated thresholds travel to vectorize
         assert ds.tags()["object_threshold"] == "0.8500"
     valid = np.load(pair_dir / "valid.npy")
-    assert (probs[:, ~valid] == det.NODATA).all() and (probs[:, valid] <= det.SCALE).all()
+    assert (probs[:, ~valid] == PROB_NODATA).all() and (probs[:, valid] <= PROB_SCALE).all()
     x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)
     reference = checkpoint.ChangeModel.load(path).predict(x)
     np.testing.assert_allclose(predictor(predictor.prepare(x)), reference, atol=1e-5)
+
+
+def test_probability_encoding_is_what_vectorize_reads(tmp_path: Path) -> None:
+    from pipeline.formats import TAG_OBJECT_THRESHOLD, TAG_THRESHOLD, decode_probabilities, tag_float
+    from pipeline.vectorize import resolve_thresholds
+
+    p = np.linspace(0, 1, 509, dtype=np.float32).reshape(1, 1, 509).repeat(2, axis=0)
+    ok = np.ones((1, 509), bool)
+    ok[0, :3] = False
+    stored = encode_probabilities(p, ok)
+    assert stored.dtype == np.uint8 and (stored[:, 0, :3] == PROB_NODATA).all() and stored.max() == PROB_NODATA
+    back = decode_probabilities(stored)
+    assert (back[:, 0, :3] == 0).all()
+    assert np.abs(back[:, :, 3:] - p[:, :, 3:]).max() <= 0.5 / PROB_SCALE + 1e-7
+    tags = probability_tags("2026-03", "cnn", 0.8, None)
+    assert TAG_OBJECT_THRESHOLD not in tags and tag_float(tags, TAG_THRESHOLD, 0.6) == 0.8
+    settings = resolve_thresholds(VectorizeSettings(), probability_tags("2026-03", "cnn", 0.7, 0.85))
+    assert (settings.high, settings.min_p_mean) == (0.7, 0.85)

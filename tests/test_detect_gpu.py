@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_detect import ConvNet, make_pair, run
 
-from pipeline import detect as det
 from pipeline.config import DetectSettings
+from pipeline.formats import PROB_NODATA
+from pipeline.nets.device import resolve_device
+from pipeline.predictors import ModulePredictor
 
 pytestmark = pytest.mark.gpu
 
@@ -20,16 +22,16 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
     cpu, cpu_summary = run(tmp_path / "cpu", pair_dir, 64, 16)
     settings = DetectSettings(device="cuda", batch_size=4, workers=2)
     gpu, gpu_summary = run(
-        tmp_path / "gpu", pair_dir, 64, 16, settings=settings, predictor=det.ModulePredictor(ConvNet(), device="cuda")
+        tmp_path / "gpu", pair_dir, 64, 16, settings=settings, predictor=ModulePredictor(ConvNet(), device="cuda")
     )
     assert cpu_summary.device == "cpu" and gpu_summary.device.startswith("cuda")
     diff = np.abs(cpu.astype(int) - gpu.astype(int))
-    assert (cpu == det.NODATA).sum() == (gpu == det.NODATA).sum()
+    assert (cpu == PROB_NODATA).sum() == (gpu == PROB_NODATA).sum()
     assert diff.max() <= 4 and diff.mean() < 0.5  # bf16/fp16 autocast
 
 
 def test_prepare_pins_and_uploads_on_a_side_stream() -> None:
-    predictor = det.ModulePredictor(ConvNet(), device="cuda")
+    predictor = ModulePredictor(ConvNet(), device="cuda")
     assert predictor.setup().startswith("cuda")
     assert predictor.module is not None
     weight = predictor.module.conv1.weight  # type: ignore[union-attr]
@@ -45,4 +47,4 @@ def test_prepare_pins_and_uploads_on_a_side_stream() -> None:
 
 
 def test_auto_picks_cuda() -> None:
-    assert det.resolve_device("auto").type == "cuda"
+    assert resolve_device("auto").type == "cuda"

@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from pipeline.fileio import atomic_path, replace_dir
+from pipeline.fileio import atomic_path, block_windows, replace_dir
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_suffix(tmp_path):
@@ -31,3 +32,12 @@ def test_replace_dir_swaps_a_finished_folder_in(tmp_path):
     replace_dir(tmp, dest)
     assert [p.name for p in dest.iterdir()] == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_block_windows_cover_the_raster_once() -> None:
+    hits = np.zeros((700, 1030), int)
+    windows = list(block_windows(1030, 700, 256))
+    for w in windows:
+        hits[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
+    assert (hits == 1).all() and len(windows) == 3 * 5
+    assert [(w.col_off, w.row_off) for w in windows[:6]] == [(0, 0), (256, 0), (512, 0), (768, 0), (1024, 0), (0, 256)]

@@ -28,7 +28,8 @@ from pipeline.errors import (
     MissingInputError,
     NoOverlapError,
 )
-from pipeline.imagery import AlignedPair, AlignSummary, align_pair
+from pipeline.imagery import AlignSummary, align_pair
+from pipeline.pair import AlignedPair
 from pipeline.tiling import build_tiles
 
 X0, Y0, RES = 500000.0, 4862000.0, 0.5

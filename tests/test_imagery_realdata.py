@@ -17,7 +17,8 @@ from rasterio.windows import Window, from_bounds
 from scipy.ndimage import map_coordinates
 
 from pipeline.config import AlignSettings
-from pipeline.imagery import AlignedPair, align_pair
+from pipeline.imagery import align_pair
+from pipeline.pair import AlignedPair
 from pipeline.tiling import build_tiles
 
 pytestmark = pytest.mark.realdata

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, DeviceError, ModelError
 from pipeline.nets import MODELS, create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
-from pipeline.nets.cva import cva_probabilities
+from pipeline.nets.cva import FALLBACK_THRESHOLD, apply_cva, cva_probabilities, fit_cva
+from pipeline.nets.device import autocast, inference_dtype, resolve_device
 
 torch.set_num_threads(1)
 
@@ -154,6 +155,27 @@ def test_load_cuda_without_cuda(saved: Path) -> None:
         ChangeModel.load(saved, device="cuda")
 
 
+def test_one_device_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert issubclass(DeviceError, ConfigError) and issubclass(DeviceError, ModelError)
+    for name in ("tpu9", "mps", "meta", ""):
+        with pytest.raises(DeviceError, match="unknown, not a torch device"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:1", torch.device("cuda:0")):
+        with pytest.raises(DeviceError, match="CUDA is not available.*no CUDA device.*--device cpu"):
+            resolve_device(name)
+
+
+def test_cpu_inference_is_float32() -> None:
+    cpu = torch.device("cpu")
+    assert inference_dtype(cpu) is None
+    with autocast(cpu):
+        y = torch.nn.Linear(4, 2)(torch.ones(1, 4))
+    assert y.dtype == torch.float32
+
+
 def test_save_rejects_unknown_arch(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="unknown architecture"):
         save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(1, 1), "linear", 3)
@@ -176,3 +198,36 @@ def test_cva_direction_and_threshold() -> None:
     assert cva_probabilities((np.stack([prev, curr]) * 255).astype(np.uint8)).shape == (2, 64, 64)
     with pytest.raises(ValueError, match=r"\(2, c, h, w\)"):
         cva_probabilities(prev)
+
+
+def _noisy_pair(rng: np.random.Generator, change: bool) -> np.ndarray:
+    prev = np.full((3, 64, 64), 0.3, np.float32) + rng.normal(0, 0.02, (3, 64, 64)).astype(np.float32)
+    curr = prev + rng.normal(0, 0.02, (3, 64, 64)).astype(np.float32)  # the same ground, another day
+    if change:
+        curr[:, 10:30, 10:30] = 0.8  # a new roof
+    return np.stack([prev, curr])
+
+
+def test_cva_is_one_recipe_with_statistics_fitted_once() -> None:
+    rng = np.random.default_rng(1)
+    changed, quiet = _noisy_pair(rng, True), _noisy_pair(rng, False)
+    valid = np.ones((64, 64), bool)
+    valid[:, :8] = False
+    # a single pair is the same maths with the statistics fitted on that pair
+    own = fit_cva([(changed, valid)])
+    np.testing.assert_array_equal(cva_probabilities(changed, valid), apply_cva(changed, own, valid=valid))
+    # statistics fitted on the whole month (both tiles) apply to a batch as to each pair alone
+    month = fit_cva([(changed, None), (quiet, None)])
+    batch = apply_cva(np.stack([changed, quiet]), month)
+    np.testing.assert_allclose(batch[1], apply_cva(quiet, month), atol=1e-6)
+    assert batch[0, 0, 12:28, 12:28].min() > 0.9
+    # per tile, Otsu always splits: a tile without change gets spurious change; the month's threshold does not
+    assert (cva_probabilities(quiet).max(axis=0) >= 0.5).mean() > 0.2
+    assert (batch[1].max(axis=0) >= 0.5).mean() < 0.01
+
+
+def test_cva_without_any_change_or_data() -> None:
+    x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    assert cva_probabilities(np.stack([x, x])).max() < 1e-3  # a constant magnitude is no change, not all change
+    stats = fit_cva([(np.stack([x, x]), np.zeros((32, 32), bool))])
+    assert stats.n_pixels == 0 and stats.threshold == FALLBACK_THRESHOLD and stats.std.shape == (3,)

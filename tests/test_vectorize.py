@@ -14,7 +14,8 @@ from shapely.geometry import Polygon, box
 
 from pipeline.config import VectorizeSettings
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.vectorize import COLUMNS, MU_M2, flag_id, flag_scores, resolve_thresholds, vectorize_month
+from pipeline.formats import FLAG_COLUMNS, flag_id
+from pipeline.vectorize import MU_M2, flag_scores, resolve_thresholds, vectorize_month
 
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4862000.0
@@ -74,7 +75,7 @@ def prob(tmp_path: Path) -> Path:
 
 def test_known_rectangles(prob: Path, tmp_path: Path) -> None:
     flags = vectorize_month(prob, tmp_path / "flags" / "2026-03.gpkg", SETTINGS, month="2026-03")
-    assert list(flags.columns) == [*COLUMNS, "geometry"]
+    assert list(flags.columns) == [*FLAG_COLUMNS, "geometry"]
     new = flags[flags.kind == "new"]
     removed = flags[flags.kind == "removed"]
     assert len(new) == 4 and len(removed) == 1
@@ -215,9 +216,9 @@ def test_empty_result_has_schema(tmp_path: Path) -> None:
     path = write_prob(tmp_path / "p.tif", np.zeros((2, 100, 100), np.uint8))
     out = tmp_path / "f.gpkg"
     flags = vectorize_month(path, out, SETTINGS, month="2026-03")
-    assert len(flags) == 0 and list(flags.columns) == [*COLUMNS, "geometry"]
+    assert len(flags) == 0 and list(flags.columns) == [*FLAG_COLUMNS, "geometry"]
     back = gpd.read_file(out, layer="flags")
-    assert len(back) == 0 and set(COLUMNS) <= set(back.columns) and back.crs is not None
+    assert len(back) == 0 and set(FLAG_COLUMNS) <= set(back.columns) and back.crs is not None
     assert len(gpd.read_parquet(out.with_suffix(".parquet"))) == 0
 
 

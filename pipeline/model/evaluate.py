@@ -165,8 +165,8 @@ def net_probabilities(model: ChangeModel, items: list[Item]) -> list[np.ndarray]
             if symmetric and twin in cache:
                 cache[key] = cache[twin][::-1]
             else:
-                padded, (h, w) = pad_to_multiple(item.images)
-                x = padded[None].astype(np.float32) / 255.0
+                h, w = item.images.shape[-2:]
+                x = pad_to_multiple(item.images)[None].astype(np.float32) / 255.0
                 cache[key] = model.predict(x)[0, :, :h, :w]
         out.append(cache[key][CLASSES[item.cls]])
     return out

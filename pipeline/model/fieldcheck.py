@@ -106,10 +106,11 @@ def santa_rosa_flags(
         MissingInputError: the Santa Rosa data is not at ``paths.shared``.
     """
     from pipeline.detect import detect_pair
+    from pipeline.formats import FLAG_KINDS as KINDS
     from pipeline.imagery import align_pair
     from pipeline.model.data import split_clusters
     from pipeline.tiling import tile_pair
-    from pipeline.vectorize import KINDS, flag_scores, vectorize_month
+    from pipeline.vectorize import flag_scores, vectorize_month
 
     root = Path(settings.paths.shared) / "xbd-santa-rosa"
     if tile_ids is None:

@@ -178,8 +178,8 @@ class QuickValidation:
         for name, items in self.sets.items():
             scores: list[Scores] = []
             for imgs, lab, valid, k in items:
-                padded, (h, w) = pad_to_multiple(imgs)
-                x = torch.from_numpy(padded[None].astype(np.float32) / 255.0).to(device)
+                h, w = imgs.shape[-2:]
+                x = torch.from_numpy(pad_to_multiple(imgs)[None].astype(np.float32) / 255.0).to(device)
                 p = torch.sigmoid(module(x))[0, k, :h, :w].cpu().numpy()
                 scores.append(pixel_scores(p >= 0.5, lab, valid))
             out[name] = round(pool(scores).f1, 4)

@@ -1,6 +1,8 @@
-"""Building blocks shared by the change networks, and the input check every network runs."""
+"""Building blocks shared by the change networks, the input check every network runs and the padding it needs."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -11,6 +13,38 @@ from pipeline.errors import ModelError
 
 #: Every network downsamples four times, so height and width must be multiples of this.
 STRIDE = 16
+
+
+def padded_size(n: int, multiple: int = STRIDE) -> int:
+    """``n`` rounded up to a multiple of ``multiple``.
+
+    >>> padded_size(500)
+    512
+    """
+    return math.ceil(n / multiple) * multiple
+
+
+def pad_to_multiple(images: np.ndarray, multiple: int = STRIDE, *, min_size: int = 0) -> np.ndarray:
+    """Reflection-pad the last two axes (bottom and right) up to multiples of ``multiple``.
+
+    Args:
+        images: ``(..., h, w)``, e.g. a pair ``(2, c, h, w)`` or a batch.
+        multiple: the side lengths are rounded up to multiples of this (:data:`STRIDE` for the networks).
+        min_size: pad each side to at least this many pixels first (detect pads every tile of a batch
+            to the nominal tile size, so the batch has one shape).
+
+    Returns:
+        The padded array (the input itself when no padding is needed); crop ``[..., :h, :w]`` to undo it.
+
+    >>> pad_to_multiple(np.zeros((2, 3, 20, 33))).shape
+    (2, 3, 32, 48)
+    """
+    h, w = images.shape[-2:]
+    ph = padded_size(max(h, min_size), multiple) - h
+    pw = padded_size(max(w, min_size), multiple) - w
+    if not (ph or pw):
+        return images
+    return np.pad(images, [(0, 0)] * (images.ndim - 2) + [(0, ph), (0, pw)], mode="reflect")
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, *, stride: int = 1) -> nn.Module:
@@ -44,16 +78,3 @@ def check_input(x: torch.Tensor, in_channels: int, name: str) -> None:
         raise ValueError(
             f"{name}: height and width must be multiples of {STRIDE}, got {h}x{w}; pad the tile (detect pads)"
         )
-
-
-def pad_to_multiple(images: np.ndarray, multiple: int = STRIDE) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflection-pad the last two axes of ``images`` up to multiples of ``multiple``.
-
-    Returns:
-        The padded array and the original ``(h, w)``, to crop the prediction back with ``[..., :h, :w]``.
-    """
-    h, w = images.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        images = np.pad(images, [(0, 0)] * (images.ndim - 2) + [(0, ph), (0, pw)], mode="reflect")
-    return images, (h, w)

@@ -7,7 +7,6 @@ architecture options), ``state_dict`` and ``meta`` (threshold, training settings
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import zipfile
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.fileio import atomic_path
 from pipeline.nets import MODELS, create_model
+from pipeline.nets.device import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ChangeModel:
         kwargs: the architecture options.
         meta: everything else the checkpoint recorded.
         module: the network, in eval mode, channels-last, on ``device``.
-        device: where it runs.
+        device: where it runs (see :func:`pipeline.nets.device.resolve_device`).
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class ChangeModel:
         meta: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self.arch = arch
         self.in_channels = int(in_channels)
@@ -113,14 +113,15 @@ class ChangeModel:
 
         Args:
             path: the ``.pt`` file.
-            device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+            device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
 
         Returns:
             The model, in eval mode on ``device``.
 
         Raises:
             ModelError: the file is missing, corrupt, not a ScarWatch checkpoint, names an unknown
-                architecture or holds weights that do not fit it.
+                architecture or holds weights that do not fit it; DeviceError (a ModelError) for a device
+                that is unknown or absent.
         """
         path = Path(path)
         if not path.is_file():
@@ -146,18 +147,17 @@ class ChangeModel:
             module = create_model(arch, in_channels=in_channels, **kwargs)
             module.load_state_dict(payload["state_dict"], strict=True)
         except (RuntimeError, KeyError, ModelError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
-                f"{path}: weights do not fit architecture {arch!r} ({first}); "
+                f"{path}: weights do not fit architecture {arch!r} ({first_line(exc)}); "
                 "the checkpoint is from another version: retrain or restore the matching code"
             ) from exc
-        dev = _device(device)
+        dev = resolve_device(device)
         log.info("loaded %s (%s, %d bands) on %s", path, arch, in_channels, dev)
         return cls(module, arch, in_channels, kwargs=kwargs, meta=payload.get("meta") or {}, device=dev)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Change probabilities for a batch of image pairs.
+        """Change probabilities for a batch of image pairs, at the inference precision of ``device``.
 
         Args:
             x: ``(b, 2, c, h, w)`` float in [0, 1] as [prev, curr] (a single pair ``(2, c, h, w)`` is
@@ -181,20 +181,6 @@ class ChangeModel:
                 f"set align.bands to {self.in_channels} bands or use a {t.shape[2]}-band checkpoint"
             )
         t = t.to(self.device, dtype=torch.float32, non_blocking=True)
-        use_amp = self.device.type == "cuda"
-        ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-        with ctx:
+        with autocast(self.device):
             logits = self.module(t)
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32, copy=False)
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ModelError(f"device {device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {str(device)!r} asked for but CUDA is not available; use device='cpu' or 'auto'")
-    return dev

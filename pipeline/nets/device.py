@@ -1,0 +1,79 @@
+"""Where the networks run: the one device resolution and the one inference precision policy.
+
+:func:`resolve_device` turns a ``device`` setting into a :class:`torch.device`; every stage that runs a
+network (``detect``, checkpoint loading, and training) resolves through it, so the same setting means
+the same device and fails with the same message everywhere.
+
+Inference precision (:func:`autocast`): on CUDA, autocast to bfloat16 where the GPU has native bf16
+(compute capability 8.0 and later), else float16; on the CPU, float32 without autocast. bf16 is what
+``train.amp: auto`` trains under, so the calibrated thresholds were found at the precision detection
+runs at; the CPU keeps float32 so that CPU results are exact and reproducible. ``ChangeModel.predict``
+(the model card) and ``detect`` (the monthly COG) both run under it, so the card measures what detect runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.errors import DeviceError
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device a ``device`` setting names.
+
+    Args:
+        name: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+            :class:`torch.device` of those types.
+
+    Returns:
+        The device.
+
+    Raises:
+        DeviceError: an unknown name, or CUDA asked for (``cuda``, ``cuda:N``) where torch sees no such device.
+    """
+    label = str(name)
+    device: torch.device | None
+    if isinstance(name, torch.device):
+        device = name
+    elif name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError, ValueError):
+            device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DeviceError(
+            f"device {label!r} is unknown, not a torch device ScarWatch runs on; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+        which = "" if device.index is None else f" {device.index}"
+        raise DeviceError(
+            f"device {label!r} asked for but CUDA is not available (torch sees no CUDA device{which}); "
+            "set detect.device or train.device to 'auto' or 'cpu' in params.yaml (or pass --device cpu)"
+        )
+    return device
+
+
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype inference runs at on ``device`` (None: float32, no autocast); see the module docstring."""
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device) -> Iterator[None]:
+    """Run the network under the inference precision policy for ``device`` (module docstring)."""
+    dtype = inference_dtype(device)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
