@@ -127,7 +127,7 @@ def demo(settings: Settings) -> str:
 @stage
 def align(settings: Settings, month: str) -> str:
     """Mosaic, reproject, co-register and normalise a month and its previous month onto one grid."""
-    from pipeline.imagery import align_pair
+    from pipeline.imagery import align_pair, model_resolution
 
     pair = settings.pair(month)
     summary = align_pair(
@@ -137,6 +137,7 @@ def align(settings: Settings, month: str) -> str:
         settings.align,
         month=pair.month,
         prev=pair.prev,
+        model_res=model_resolution(settings.align, settings.detect),
     )
     return (
         f"aligned {pair.prev} -> {pair.month}: {summary.width}x{summary.height} px at {summary.res:g} m, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,7 +70,10 @@ class AlignSettings(_Section):
     """Mosaic, reprojection, co-registration and radiometric normalisation."""
 
     target_crs: str | None = None
-    resolution: float | None = Field(None, gt=0)
+    # the grid's pixel size: "model" = the change network's native pixel (its checkpoint's native_gsd_m),
+    # so a coarser or finer delivery is resampled to what the network was trained at; "delivery" (or null)
+    # = the finer of the two epochs; a number = that size in CRS units
+    resolution: Annotated[float, Field(gt=0)] | Literal["model", "delivery"] | None = "model"
     resampling: Literal["nearest", "bilinear", "cubic", "lanczos", "average"] = "bilinear"
     bands: tuple[int, ...] = (1, 2, 3)
     scale16: tuple[float, float] | None = None

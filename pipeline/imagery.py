@@ -33,7 +33,7 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 
 from pipeline import coregister
-from pipeline.config import AlignSettings, check_month
+from pipeline.config import AlignSettings, DetectSettings, check_month
 from pipeline.errors import (
     BandMismatchError,
     ConfigError,
@@ -251,7 +251,9 @@ def _snap(value: float, anchor: float, res: float, up: bool) -> float:
 # Aligning
 
 
-def _grid(prev: _Epoch, curr: _Epoch, settings: AlignSettings) -> tuple[CRS, Affine, int, int, dict[str, list]]:
+def _grid(
+    prev: _Epoch, curr: _Epoch, settings: AlignSettings, model_res: float | None
+) -> tuple[CRS, Affine, int, int, dict[str, list], dict[str, float]]:
     dst_crs = CRS.from_user_input(settings.target_crs) if settings.target_crs else _epoch_crs(curr)
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     res_by: dict[str, float] = {}
@@ -262,7 +264,13 @@ def _grid(prev: _Epoch, curr: _Epoch, settings: AlignSettings) -> tuple[CRS, Aff
         # A missing sheet leaves a gap of one sheet; a wrong CRS moves a sheet by tens of kilometres.
         sheet_size = max(max(b[2] - b[0], b[3] - b[1]) for b in boxes[ep.role])
         _check_adjacent(ep, boxes[ep.role], tol=max(2.0 * max(sheet_res), sheet_size))
-    res = settings.resolution or float(f"{min(res_by.values()):.6g}")
+    delivery = float(f"{min(res_by.values()):.6g}")
+    if isinstance(settings.resolution, float):
+        res = settings.resolution
+    elif settings.resolution == "model" and model_res is not None:
+        res = model_res
+    else:
+        res = delivery
     pu, cu = _union(boxes[prev.role]), _union(boxes[curr.role])
     x0, y0, x1, y1 = max(pu[0], cu[0]), max(pu[1], cu[1]), min(pu[2], cu[2]), min(pu[3], cu[3])
     if x1 - x0 < res or y1 - y0 < res:
@@ -277,7 +285,7 @@ def _grid(prev: _Epoch, curr: _Epoch, settings: AlignSettings) -> tuple[CRS, Aff
     gy0, gy1 = _snap(y0, ay, res, up=False), _snap(y1, ay, res, up=True)
     width, height = round((gx1 - gx0) / res), round((gy1 - gy0) / res)
     log.info("target grid %s res %r: %d x %d px at (%r, %r)", dst_crs.to_string(), res, width, height, gx0, gy1)
-    return dst_crs, Affine(res, 0.0, gx0, 0.0, -res, gy1), width, height, boxes
+    return dst_crs, Affine(res, 0.0, gx0, 0.0, -res, gy1), width, height, boxes, res_by
 
 
 def _valid_pass(pair: AlignedPair, tmp: Path) -> tuple[int, int, int]:
@@ -339,8 +347,16 @@ def align_pair(
     *,
     month: str,
     prev: str,
+    model_res: float | None = None,
 ) -> AlignSummary:
     """Align the previous epoch onto the current one's grid and write the pair description.
+
+    The grid's pixel size is ``settings.resolution``: with ``"model"`` it is ``model_res`` (the change
+    network's native pixel, :func:`pipeline.nets.checkpoint.native_gsd`), so a 2 m satellite scene or a
+    0.3 m aerial delivery is resampled to the pixel the network was trained at; without ``model_res`` (CVA,
+    an old checkpoint) and with ``"delivery"`` it is the finer epoch's. Grids more than 1.25 times coarser
+    than the delivery are resampled by area averaging, not by ``settings.resampling``, so fine detail is
+    integrated rather than aliased (recorded as ``resampling`` in pair.json).
 
     Writes ``out_dir/pair.json`` (grid, sheets, bands, shift, histogram tables), ``out_dir/valid.tif``
     (uint8 COG, 255 where both epochs have data) and ``out_dir/qa.json`` (per-block residual shifts).
@@ -355,11 +371,37 @@ def align_pair(
         NoOverlapError: the epochs do not overlap. InputError: an epoch is entirely nodata.
     """
     with gdal_env():
-        return _align(Path(prev_dir), Path(curr_dir), Path(out_dir), settings, month=month, prev=prev)
+        return _align(
+            Path(prev_dir), Path(curr_dir), Path(out_dir), settings, month=month, prev=prev, model_res=model_res
+        )
+
+
+def model_resolution(settings: AlignSettings, detect: DetectSettings) -> float | None:
+    """``model_res`` for :func:`align_pair`: the change network's native pixel when the grid follows it.
+
+    None when ``settings.resolution`` is not ``"model"``, for the CVA method, or for a checkpoint that
+    does not record its pixel size (the grid then follows the delivery).
+    """
+    if settings.resolution != "model" or detect.method != "cnn":
+        return None
+    from pipeline.nets.checkpoint import native_gsd
+
+    return native_gsd(detect.model)
+
+
+#: A grid this many times coarser than the delivery is resampled by area averaging.
+AVERAGE_ABOVE = 1.25
 
 
 def _align(
-    prev_dir: Path, curr_dir: Path, out_dir: Path, settings: AlignSettings, *, month: str, prev: str
+    prev_dir: Path,
+    curr_dir: Path,
+    out_dir: Path,
+    settings: AlignSettings,
+    *,
+    month: str,
+    prev: str,
+    model_res: float | None,
 ) -> AlignSummary:
     try:
         check_month(month)
@@ -371,7 +413,20 @@ def _align(
     prev_ep = _Epoch(prev_ep.folder, "prev", prev_ep.sheets, prev_ep.count, prev_ep.dtype)
     curr_ep = _Epoch(curr_ep.folder, "curr", curr_ep.sheets, curr_ep.count, curr_ep.dtype)
     _check_compatible(prev_ep, curr_ep)
-    dst_crs, transform, width, height, boxes = _grid(prev_ep, curr_ep, settings)
+    dst_crs, transform, width, height, boxes, delivery = _grid(prev_ep, curr_ep, settings, model_res)
+    resampling = settings.resampling
+    if transform.a > AVERAGE_ABOVE * min(delivery.values()) and resampling in ("bilinear", "cubic", "lanczos"):
+        resampling = "average"
+    if not math.isclose(transform.a, min(delivery.values()), rel_tol=0.05):
+        log.info(
+            "resampling %s (%s m) and %s (%s m) to a %s m grid (%s)",
+            prev_dir,
+            f"{delivery['prev']:g}",
+            curr_dir,
+            f"{delivery['curr']:g}",
+            f"{transform.a:g}",
+            resampling,
+        )
     meta: dict[str, Any] = {
         "version": PAIR_VERSION,
         "month": month,
@@ -382,10 +437,11 @@ def _align(
         "width": width,
         "height": height,
         "res": transform.a,
+        "delivery_res": {k: round(v, 6) for k, v in delivery.items()},
         "bands": list(settings.bands),
         "dtype": curr_ep.dtype,
         "scale16": list(settings.scale16) if settings.scale16 else None,
-        "resampling": settings.resampling,
+        "resampling": resampling,
         "shift_px": [0.0, 0.0],
         "luts": None,
         "epochs": {
@@ -434,6 +490,8 @@ def _align(
             "shift_applied_px": meta["shift_px"],
             "histogram_matching": meta["luts"] is not None,
             "valid_fraction": round(valid_fraction, 6),
+            "res": transform.a,
+            "delivery_res": meta["delivery_res"],
             **qa,
         }
         residual = qa["residual_after_median_px"] if settings.coregister else qa["residual_before_median_px"]

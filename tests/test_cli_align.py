@@ -68,8 +68,10 @@ def test_bad_delivery_is_one_line_exit_2_and_writes_nothing(tmp_path, name, make
     raw = tmp_path / "raw"
     _good(raw / "imagery" / "2026-01")
     make_curr(raw / "imagery" / "2026-02")
+    checkpoint = Path(__file__).resolve().parents[1] / "models" / "scarnet.pt"
     (tmp_path / "params.yaml").write_text(
         f'paths:\n  raw: {raw}\n  interim: {tmp_path / "interim"}\nmonths:\n  "2026-02": {{prev: "2026-01"}}\n'
+        f"detect:\n  model: {checkpoint}\n"
     )
     exe = Path(sys.executable).with_name("scarwatch")
     proc = subprocess.run(

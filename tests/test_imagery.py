@@ -106,6 +106,60 @@ def test_target_crs_and_resolution_params(tmp_path: Path, scene: np.ndarray) -> 
     np.testing.assert_allclose(images[0][:, valid], images[1][:, valid], atol=1e-6)
 
 
+def test_a_coarse_delivery_is_resampled_to_the_network_pixel(tmp_path: Path, scene: np.ndarray) -> None:
+    # a 2 m satellite-like delivery, a network trained at 0.5 m: the grid follows the network
+    coarse = Affine(2.0, 0, X0, 0, -2.0, Y0)
+    write_tif(tmp_path / "curr" / "c.tif", scene[:, :100, :100], transform=coarse)
+    write_tif(tmp_path / "prev" / "p.tif", scene[:, :100, :100], transform=coarse)
+    s = align_pair(tmp_path / "prev", tmp_path / "curr", tmp_path / "out", NO_COREG, **MONTHS, model_res=0.5)
+    assert (s.res, s.width, s.height) == (0.5, 400, 400)
+    meta = json.loads((tmp_path / "out" / "pair.json").read_text())
+    assert meta["delivery_res"] == {"prev": 2.0, "curr": 2.0} and meta["resampling"] == "bilinear"
+    qa = json.loads((tmp_path / "out" / "qa.json").read_text())
+    assert qa["res"] == 0.5 and qa["delivery_res"]["curr"] == 2.0
+    with AlignedPair.open(tmp_path / "out") as pair:
+        images, _ = pair.read(Window(0, 0, 400, 400))
+    # each 2 m pixel covers 4 x 4 grid pixels: the centre of each block holds the delivered value
+    np.testing.assert_allclose(images[1][:, 2::4, 2::4][:, 1:-1, 1:-1], scene[:, 1:99, 1:99] / 255, atol=0.02)
+    # "delivery" keeps the delivered pixel whatever the network
+    d = AlignSettings(coregister=False, normalize=False, resolution="delivery")  # type: ignore[call-arg]
+    s = align_pair(tmp_path / "prev", tmp_path / "curr", tmp_path / "out2", d, **MONTHS, model_res=0.5)
+    assert (s.res, s.width) == (2.0, 100)
+
+
+def test_a_fine_delivery_is_averaged_down_to_the_network_pixel(tmp_path: Path, scene: np.ndarray) -> None:
+    fine = Affine(0.25, 0, X0, 0, -0.25, Y0)
+    write_tif(tmp_path / "curr" / "c.tif", scene[:, :400, :400], transform=fine)
+    write_tif(tmp_path / "prev" / "p.tif", scene[:, :400, :400], transform=fine)
+    s = align_pair(tmp_path / "prev", tmp_path / "curr", tmp_path / "out", NO_COREG, **MONTHS, model_res=0.5)
+    assert (s.res, s.width) == (0.5, 200)
+    assert json.loads((tmp_path / "out" / "pair.json").read_text())["resampling"] == "average"
+    with AlignedPair.open(tmp_path / "out") as pair:
+        images, _ = pair.read(Window(0, 0, 200, 200))
+    blocks = scene[:, :400, :400].reshape(3, 200, 2, 200, 2).mean(axis=(2, 4)) / 255
+    np.testing.assert_allclose(images[1], blocks, atol=1.5 / 255)  # the 2 x 2 means, not a bilinear sample
+
+
+def test_model_resolution_reads_the_checkpoint(tmp_path: Path) -> None:
+    from pipeline.config import DetectSettings
+    from pipeline.imagery import model_resolution
+    from pipeline.nets import create_model
+    from pipeline.nets.checkpoint import save_checkpoint
+
+    kw = {"widths": (4, 4, 8, 8, 8)}
+    net = create_model("scarnet", **kw)
+    with_gsd = save_checkpoint(tmp_path / "a.pt", net, "scarnet", 3, kw, {"native_gsd_m": 0.5})
+    without = save_checkpoint(tmp_path / "b.pt", net, "scarnet", 3, kw)
+    follow = AlignSettings()  # type: ignore[call-arg]
+    assert follow.resolution == "model"
+    assert model_resolution(follow, DetectSettings(model=with_gsd)) == 0.5
+    assert model_resolution(follow, DetectSettings(model=without)) is None
+    assert model_resolution(follow, DetectSettings(model=with_gsd, method="cva")) is None
+    assert model_resolution(AlignSettings(resolution=1.0), DetectSettings(model=with_gsd)) is None  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="'model' or 'delivery'"):
+        AlignSettings(resolution="finest")  # type: ignore[call-arg,arg-type]
+
+
 def test_sheet_in_other_crs_is_reprojected(tmp_path: Path, scene: np.ndarray) -> None:
     curr = scene[:, :512, :512]
     write_tif(tmp_path / "curr" / "a.tif", curr[:, :, :256])

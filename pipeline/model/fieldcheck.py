@@ -107,7 +107,7 @@ def santa_rosa_flags(
     """
     from pipeline.detect import detect_pair
     from pipeline.formats import FLAG_KINDS as KINDS
-    from pipeline.imagery import align_pair
+    from pipeline.imagery import align_pair, model_resolution
     from pipeline.model.data import split_clusters
     from pipeline.tiling import tile_pair
     from pipeline.vectorize import flag_scores, vectorize_month
@@ -125,7 +125,8 @@ def santa_rosa_flags(
         prev = _epoch(base / "imagery" / "pre", root / "pre" / f"{tile_id}.tif")
         curr = _epoch(base / "imagery" / "post", root / "post" / f"{tile_id}.tif")
         pair_dir = base / "pair"
-        align_pair(prev, curr, pair_dir, settings.align, month=month, prev="2017-06")
+        model_res = model_resolution(settings.align, settings.detect)
+        align_pair(prev, curr, pair_dir, settings.align, month=month, prev="2017-06", model_res=model_res)
         tile_pair(pair_dir, base / "tiles.parquet", settings.tile)
         detect_pair(
             pair_dir,
