@@ -7,7 +7,8 @@ import the constants and helpers from here and keep no copies of their own.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -122,3 +123,48 @@ def flag_id(month: str, kind: str, geom: BaseGeometry) -> str:
     wkt = shapely.to_wkt(shapely.normalize(geom), rounding_precision=1, trim=True)
     digest = hashlib.sha1(f"{month}|{kind}|{wkt}".encode()).hexdigest()[:8]
     return f"F{month.replace('-', '')}-{kind[0].upper()}-{digest}"
+
+
+# --------------------------------------------------------------------------- checkpoints (models/*.pt)
+
+#: ``format`` and ``version`` of a checkpoint file (a ``torch.save`` dict of plain values and tensors:
+#: ``arch``, ``in_channels``, ``kwargs``, ``state_dict``, ``meta``).
+CHECKPOINT_FORMAT = "scarwatch-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file's dict, checked to be a ScarWatch checkpoint (weights not yet fitted to a network).
+
+    Loaded with ``weights_only=True``: no code in the file runs.
+
+    Raises:
+        ModelError: the file is missing, corrupt or not a ScarWatch checkpoint.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    from pipeline.errors import ModelError
+
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found; train one (scarwatch train) or fix detect.model")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise ModelError(
+            f"{path}: checkpoint is corrupt or not a torch file ({type(exc).__name__}); "
+            "restore it (git checkout / dvc pull) or retrain"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(
+            f"{path}: not a ScarWatch checkpoint (no format={CHECKPOINT_FORMAT!r}); save it with save_checkpoint"
+        )
+    return payload
+
+
+def checkpoint_native_gsd(path: Path) -> float | None:
+    """The pixel size (metres) a checkpoint was trained at (``meta["native_gsd_m"]``), or None if unrecorded."""
+    value = (read_checkpoint(path).get("meta") or {}).get("native_gsd_m")
+    return None if value is None else float(value)

@@ -46,7 +46,7 @@ from pipeline.errors import (
     first_line,
 )
 from pipeline.fileio import block_windows, gdal_env, replace_dir
-from pipeline.formats import PAIR_JSON, PAIR_VERSION, VALID_TIF, encode_valid
+from pipeline.formats import PAIR_JSON, PAIR_VERSION, VALID_TIF, checkpoint_native_gsd, encode_valid
 from pipeline.pair import AlignedPair
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def align_pair(
     """Align the previous epoch onto the current one's grid and write the pair description.
 
     The grid's pixel size is ``settings.resolution``: with ``"model"`` it is ``model_res`` (the change
-    network's native pixel, :func:`pipeline.nets.checkpoint.native_gsd`), so a 2 m satellite scene or a
+    network's native pixel, :func:`pipeline.formats.checkpoint_native_gsd`), so a 2 m satellite scene or a
     0.3 m aerial delivery is resampled to the pixel the network was trained at; without ``model_res`` (CVA,
     an old checkpoint) and with ``"delivery"`` it is the finer epoch's. Grids more than 1.25 times coarser
     than the delivery are resampled by area averaging, not by ``settings.resampling``, so fine detail is
@@ -384,9 +384,7 @@ def model_resolution(settings: AlignSettings, detect: DetectSettings) -> float |
     """
     if settings.resolution != "model" or detect.method != "cnn":
         return None
-    from pipeline.nets.checkpoint import native_gsd
-
-    return native_gsd(detect.model)
+    return checkpoint_native_gsd(Path(detect.model))
 
 
 #: A grid this many times coarser than the delivery is resampled by area averaging.

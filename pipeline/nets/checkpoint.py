@@ -8,8 +8,6 @@ architecture options), ``state_dict`` and ``meta`` (threshold, training settings
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,11 @@ from torch import nn
 
 from pipeline.errors import ModelError, first_line
 from pipeline.fileio import atomic_path
+from pipeline.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from pipeline.nets import MODELS, create_model
 from pipeline.nets.device import autocast, resolve_device
 
 log = logging.getLogger(__name__)
-
-FORMAT = "scarwatch-checkpoint"
-VERSION = 1
 
 
 def save_checkpoint(
@@ -58,8 +54,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     payload = {
-        "format": FORMAT,
-        "version": VERSION,
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
         "arch": arch,
         "in_channels": int(in_channels),
         "kwargs": dict(kwargs or {}),
@@ -124,7 +120,7 @@ class ChangeModel:
                 that is unknown or absent.
         """
         path = Path(path)
-        payload = read_payload(path)
+        payload = read_checkpoint(path)
         arch = payload.get("arch")
         if arch not in MODELS:
             raise ModelError(
@@ -174,33 +170,3 @@ class ChangeModel:
         with autocast(self.device):
             logits = self.module(t)
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32, copy=False)
-
-
-def read_payload(path: Path) -> dict[str, Any]:
-    """The checkpoint file's dict, checked to be a ScarWatch checkpoint (weights not yet fitted to a network).
-
-    Raises:
-        ModelError: the file is missing, corrupt or not a ScarWatch checkpoint.
-    """
-    if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found; train one (scarwatch train) or fix detect.model")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise ModelError(
-            f"{path}: checkpoint is corrupt or not a torch file ({type(exc).__name__}); "
-            "restore it (git checkout / dvc pull) or retrain"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a ScarWatch checkpoint (no format={FORMAT!r}); save it with save_checkpoint")
-    return payload
-
-
-def native_gsd(path: str | Path) -> float | None:
-    """The pixel size (metres) a checkpoint was trained at (``meta["native_gsd_m"]``), or None if unrecorded.
-
-    Raises:
-        ModelError: the file is missing, corrupt or not a ScarWatch checkpoint.
-    """
-    value = (read_payload(Path(path)).get("meta") or {}).get("native_gsd_m")
-    return None if value is None else float(value)
