@@ -75,6 +75,13 @@ def _resize(arr: np.ndarray, size: int, order: int) -> np.ndarray:
 # --------------------------------------------------------------------------- samplers
 
 
+def _change_pixel(change: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    """A random changed pixel of ``change`` (on a 4-pixel lattice), to centre a crop on."""
+    ys, xs = np.nonzero(change[::4, ::4])
+    i = int(rng.integers(len(ys)))
+    return int(ys[i]) * 4, int(xs[i]) * 4
+
+
 def _crop_origin(
     h: int, w: int, size: int, rng: np.random.Generator, center: tuple[int, int] | None = None
 ) -> tuple[int, int]:
@@ -103,6 +110,9 @@ class TrainingSampler:
         scale_range: range of the random rescale (applied to half of the samples).
         coarsen_p: share of samples coarsened to a pixel of ``coarsen_range`` metres (:func:`coarsen`).
         coarsen_range: delivery pixel sizes simulated, metres.
+        synth_pairs: pre-rendered demo-town pairs ``(images uint8 (2, c, s, s), labels (2, s, s))`` the
+            ``synth`` source crops from (centred on change 75 % of the time); None renders a new pair per
+            sample with :func:`pipeline.synth.training.training_pair` (which needs rasterio).
     """
 
     def __init__(
@@ -116,9 +126,12 @@ class TrainingSampler:
         scale_range: tuple[float, float] = (0.8, 1.25),
         coarsen_p: float = 0.0,
         coarsen_range: tuple[float, float] = (0.6, 2.0),
+        synth_pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         if not tiles:
             raise InputError("no Santa Rosa training tiles; check train.val_fraction and paths.shared")
+        if synth_pairs is not None and not synth_pairs and weights.get("synth", 0) > 0:
+            raise InputError("no pre-rendered demo-town pairs for mix.synth; bundle some (--demo-pairs) or set it to 0")
         self.tiles = tiles
         self.weights = dict(weights)
         self.rng = rng
@@ -127,6 +140,7 @@ class TrainingSampler:
         self.scale_range = scale_range
         self.coarsen_p = coarsen_p
         self.coarsen_range = coarsen_range
+        self.synth_pairs = synth_pairs
         self.changed = [t for t in tiles if t.change.any()]
         self.with_buildings = [t for t in tiles if t.boxes]
         self.counts: dict[str, int] = {k: 0 for k in weights}
@@ -165,7 +179,7 @@ class TrainingSampler:
         raw = max(32, int(round(size * scale)))
         images, labels, weight = self._sources[src](raw)
         self.counts[src] = self.counts.get(src, 0) + 1
-        if raw != size:
+        if raw != size or images.shape[-2:] != (size, size):  # a source smaller than raw returns what it has
             images = _resize(images.astype(np.float32), size, order=1)
             labels = _resize(labels, size, order=0)
             weight = _resize(weight.astype(np.uint8), size, order=0) > 0
@@ -191,9 +205,7 @@ class TrainingSampler:
             size = min(h, w)
         center = None
         if pair.change.any() and rng.random() < 0.75:
-            ys, xs = np.nonzero(pair.change[::4, ::4])
-            i = int(rng.integers(len(ys)))
-            center = (int(ys[i]) * 4, int(xs[i]) * 4)
+            center = _change_pixel(pair.change, rng)
         y, x = _crop_origin(h, w, size, rng, center)
         s = self.max_shift
         dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
@@ -229,11 +241,7 @@ class TrainingSampler:
         centred = self.changed and rng.random() < 0.75
         tile = self.changed[int(rng.integers(len(self.changed)))] if centred else self._any_tile()
         h, w = tile.valid.shape
-        center = None
-        if centred:
-            ys, xs = np.nonzero(tile.change[::4, ::4])
-            i = int(rng.integers(len(ys)))
-            center = (int(ys[i]) * 4, int(xs[i]) * 4)
+        center = _change_pixel(tile.change, rng) if centred else None
         y, x = _crop_origin(h, w, size, rng, center)
         forward = rng.random() < 0.5
         first, second = (tile.pre, tile.post) if forward else (tile.post, tile.pre)
@@ -367,12 +375,28 @@ class TrainingSampler:
         return np.stack([pasted, ground_u8]), np.stack([zero, lab]), weight
 
     def _synth_pair(self, size: int) -> Sample:
+        if self.synth_pairs is not None:
+            return self._rendered_synth(size)
         from pipeline.synth.training import training_pair
 
         images, labels = training_pair(self.rng, size=size)
         images = np.asarray(images, dtype=np.uint8)[:, :3]
         labels = (np.asarray(labels) > 0).astype(np.uint8)
         return images, labels, np.ones((size, size), bool)
+
+    def _rendered_synth(self, size: int) -> Sample:
+        """A crop of a pre-rendered demo-town pair (the whole pair when it is smaller than ``size``)."""
+        rng = self.rng
+        assert self.synth_pairs is not None
+        images, labels = self.synth_pairs[int(rng.integers(len(self.synth_pairs)))]
+        h, w = labels.shape[-2:]
+        size = min(size, h, w)
+        change = np.asarray(labels).max(axis=0) > 0
+        center = _change_pixel(change, rng) if change.any() and rng.random() < 0.75 else None
+        y, x = _crop_origin(h, w, size, rng, center)
+        crop = (slice(y, y + size), slice(x, x + size))
+        lab = (np.asarray(labels)[(slice(None), *crop)] > 0).astype(np.uint8)
+        return np.asarray(images, dtype=np.uint8)[:, :3, crop[0], crop[1]], lab, np.ones((size, size), bool)
 
     def batch(self, batch_size: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch ``(images (b, 2, 3, s, s), labels (b, 2, s, s), weight (b, s, s))``, float32 / bool."""

@@ -1,21 +1,26 @@
 """Train a change network: seeded, masked BCE + Dice, AdamW with warmup and cosine decay, resumable.
 
-``train(settings, out_path, data=...)`` draws batches from :class:`pipeline.model.sampler.TrainingSampler`
-on a background thread (Santa Rosa training clusters, WHU-CD and Joplin pairs, footprint erasing,
-copy-paste, no-change and demo-town pairs), trains under bf16 autocast where ``train.amp`` allows (AMX on
-the CPU, CUDA), logs one JSON line per ``log_every`` steps to ``settings.log_path``, scores a quick
-validation every ``val_every`` steps and writes the checkpoint and the resumable training state every
-``checkpoint_every`` steps. With ``time_limit_min`` the cosine schedule runs on
-``max(step / steps, elapsed / limit)``, so the learning rate has decayed whenever the run stops; without
-it the schedule runs on steps alone, and a run stopped and resumed (``--resume``) equals one long run.
+``train(settings, out_path, data=...)`` reads the training data (:func:`load_training_data`, or takes a
+:class:`TrainingData` already in memory, e.g. from a bundle: :mod:`pipeline.model.bundle`) and draws
+batches from :class:`pipeline.model.sampler.TrainingSampler` on a background thread (Santa Rosa training
+clusters, WHU-CD and Joplin pairs, footprint erasing, copy-paste, no-change and demo-town pairs), trains
+under bf16 autocast where ``train.amp`` allows (AMX on the CPU, CUDA), logs one JSON line per
+``log_every`` steps to ``settings.log_path``, scores a quick validation every ``val_every`` steps and
+writes the checkpoint and the resumable training state every ``checkpoint_every`` steps. With
+``time_limit_min`` the cosine schedule runs on ``max(step / steps, elapsed / limit)``, so the learning
+rate has decayed whenever the run stops; without it the schedule runs on steps alone, and a run stopped
+and resumed (``--resume``) equals one long run.
 
-The command is ``scarwatch train [--set train.steps=3000 ...] [--resume]``.
+The command is ``scarwatch train [--set train.steps=3000 ...] [--resume]``. This module imports neither
+pydantic nor rasterio (settings are read by attribute, the shared-data readers import rasterio when they
+run), so :mod:`pipeline.model.gpu_train` uses its pieces on a machine with only torch, numpy, scipy and PIL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -26,19 +31,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pipeline.config import TrainSettings
 from pipeline.errors import ModelError
 from pipeline.fileio import atomic_path
 from pipeline.metrics import Scores, pixel_scores, pool
 from pipeline.model.data import (
     NATIVE_GSD_M,
     RealPair,
+    SantaRosaTile,
     demo_pairs,
     load_png_pairs,
     load_santa_rosa,
@@ -50,7 +55,45 @@ from pipeline.nets import create_model
 from pipeline.nets.blocks import pad_to_multiple
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
 
+if TYPE_CHECKING:
+    from pipeline.config import TrainSettings
+
 log = logging.getLogger(__name__)
+
+#: One quick-validation item: images uint8 (2, 3, h, w) as [a, b], label bool (h, w), valid bool (h, w) and
+#: the output channel the label belongs to (0 new, 1 removed).
+QuickItem = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+
+
+@dataclass
+class TrainingData:
+    """Everything a training run reads, in memory.
+
+    Attributes:
+        tiles: the Santa Rosa training tiles.
+        pairs: other labelled real pairs by sampler source (``whu``, ``joplin``).
+        quick_sets: the quick-validation sets by name (:class:`QuickValidation`).
+        val_ids: the held-out Santa Rosa tile ids.
+        synth: pre-rendered demo-town pairs ``(images uint8 (2, 3, s, s), labels uint8 (2, s, s))`` for the
+            sampler's ``synth`` source; None renders them while training (needs :mod:`pipeline.synth`).
+        train: the train settings (JSON-like) the data was loaded with.
+    """
+
+    tiles: list[SantaRosaTile]
+    pairs: dict[str, list[RealPair]]
+    quick_sets: dict[str, list[QuickItem]]
+    val_ids: list[str]
+    synth: list[tuple[np.ndarray, np.ndarray]] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def settings_json(settings: Any) -> str:
+    """``settings`` as JSON: a pydantic model's ``model_dump_json``, or a dataclass's fields (paths as text)."""
+    if hasattr(settings, "model_dump_json"):
+        return str(settings.model_dump_json())
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return json.dumps(dataclasses.asdict(settings), default=str, separators=(",", ":"))
+    raise TypeError(f"cannot serialise settings of type {type(settings).__name__}; pass a pydantic model or dataclass")
 
 
 @dataclass(frozen=True)
@@ -126,48 +169,57 @@ def lr_factor(progress: float, warmup: float, floor: float = 0.02) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def quick_validation_sets(
+    data: Path, val_ids: list[str], seed: int, size: int = 256, n_santa: int = 24
+) -> dict[str, list[QuickItem]]:
+    """The quick-validation sets read from the shared data folder.
+
+    Santa Rosa held-out crops (256², forward: removed), the ``levir-dev`` pairs (new), the WHU-CD
+    validation tiling (new) and demo-town pairs.
+    """
+    rng = np.random.default_rng(seed)
+    sets: dict[str, list[QuickItem]] = {}
+    santa: list[QuickItem] = []
+    tiles = load_santa_rosa(data / "xbd-santa-rosa", val_ids)
+    changed = [t for t in tiles if t.change.any()]
+    size = min(size, *(min(t.valid.shape) for t in tiles))
+    for i in range(n_santa):
+        tile = changed[i % len(changed)] if i % 3 else tiles[int(rng.integers(len(tiles)))]
+        h, w = tile.valid.shape
+        if tile.change.any() and i % 3:
+            ys, xs = np.nonzero(tile.change)
+            k = int(rng.integers(len(ys)))
+            y = int(np.clip(ys[k] - size // 2, 0, h - size))
+            x = int(np.clip(xs[k] - size // 2, 0, w - size))
+        else:
+            y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        sl = (slice(y, y + size), slice(x, x + size))
+        imgs = np.stack([tile.pre[:, sl[0], sl[1]], tile.post[:, sl[0], sl[1]]])
+        santa.append((imgs, tile.change[sl], tile.valid[sl], 1))
+    sets["santa-rosa"] = santa
+    sets["levir-dev"] = [(p.images, p.change, p.valid, 0) for p in load_png_pairs(data / "levir-dev", "new")]
+    whu_root = data / "whu-cd"
+    if whu_root.is_dir():
+        _, whu_val = whu_split(whu_root)
+        sets["whu-cd"] = [(p.images, p.change, p.valid, 0) for p in load_png_pairs(whu_root, "new", names=whu_val)]
+    demo: list[QuickItem] = []
+    for im, lab in demo_pairs(8, seed + 1, size):
+        for k in (0, 1):
+            if lab[k].any():
+                demo.append((im, lab[k] > 0, np.ones(lab.shape[1:], bool), k))
+    sets["demo-town"] = demo
+    return sets
+
+
 class QuickValidation:
     """A small fixed validation set scored during training (pixel F1 at p >= 0.5).
 
-    Santa Rosa held-out crops (256², forward: removed), the ``levir-dev`` pairs (new), the WHU-CD
-    validation tiling (new) and demo-town pairs. The score is the :data:`QUICK_WEIGHTS` mean over the
-    sets present.
+    ``sets`` are :func:`quick_validation_sets` (or the same read from a bundle). The score is the
+    :data:`QUICK_WEIGHTS` mean over the sets present.
     """
 
-    def __init__(self, data: Path, val_ids: list[str], seed: int, size: int = 256, n_santa: int = 24) -> None:
-        rng = np.random.default_rng(seed)
-        self.sets: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]] = {}
-        santa = []
-        tiles = load_santa_rosa(data / "xbd-santa-rosa", val_ids)
-        changed = [t for t in tiles if t.change.any()]
-        size = min(size, *(min(t.valid.shape) for t in tiles))
-        for i in range(n_santa):
-            tile = changed[i % len(changed)] if i % 3 else tiles[int(rng.integers(len(tiles)))]
-            h, w = tile.valid.shape
-            if tile.change.any() and i % 3:
-                ys, xs = np.nonzero(tile.change)
-                k = int(rng.integers(len(ys)))
-                y = int(np.clip(ys[k] - size // 2, 0, h - size))
-                x = int(np.clip(xs[k] - size // 2, 0, w - size))
-            else:
-                y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-            sl = (slice(y, y + size), slice(x, x + size))
-            imgs = np.stack([tile.pre[:, sl[0], sl[1]], tile.post[:, sl[0], sl[1]]])
-            santa.append((imgs, tile.change[sl], tile.valid[sl], 1))
-        self.sets["santa-rosa"] = santa
-        self.sets["levir-dev"] = [(p.images, p.change, p.valid, 0) for p in load_png_pairs(data / "levir-dev", "new")]
-        whu_root = data / "whu-cd"
-        if whu_root.is_dir():
-            _, whu_val = whu_split(whu_root)
-            self.sets["whu-cd"] = [
-                (p.images, p.change, p.valid, 0) for p in load_png_pairs(whu_root, "new", names=whu_val)
-            ]
-        demo = []
-        for im, lab in demo_pairs(8, seed + 1, size):
-            for k in (0, 1):
-                if lab[k].any():
-                    demo.append((im, lab[k] > 0, np.ones(lab.shape[1:], bool), k))
-        self.sets["demo-town"] = demo
+    def __init__(self, sets: dict[str, list[QuickItem]]) -> None:
+        self.sets = sets
 
     @torch.no_grad()
     def __call__(self, module: torch.nn.Module, device: torch.device) -> dict[str, float]:
@@ -263,7 +315,7 @@ def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
         raise ModelError(f"{path}: no training state to resume; start the run without --resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
     before = json.loads(state["settings"])
-    now = json.loads(settings.model_dump_json())
+    now = json.loads(settings_json(settings))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         raise ModelError(
@@ -273,7 +325,53 @@ def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
     return state
 
 
-def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: bool = False) -> TrainResult:
+def load_training_data(settings: TrainSettings, data: Path) -> TrainingData:
+    """Read what :func:`train` trains on from the shared data folder (``paths.shared``).
+
+    The Santa Rosa clusters are split by ``val_fraction`` and ``split_seed``; WHU-CD and Joplin pairs are
+    read when ``mix`` draws from them; the quick-validation sets are :func:`quick_validation_sets`.
+
+    Raises:
+        MissingInputError: the shared data is not at ``data``.
+    """
+    santa_root = data / "xbd-santa-rosa"
+    train_ids, val_ids = split_clusters(santa_root, settings.val_fraction, settings.split_seed)
+    log.info("Santa Rosa split (seed %d): %d train tiles, held out %r", settings.split_seed, len(train_ids), val_ids)
+    pairs: dict[str, list[RealPair]] = {}
+    if settings.mix.get("whu", 0) > 0:
+        whu_train, _ = whu_split(data / "whu-cd")
+        pairs["whu"] = load_png_pairs(data / "whu-cd", "new", names=whu_train)
+    if settings.mix.get("joplin", 0) > 0:
+        pairs["joplin"] = load_png_pairs(data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
+    tiles = load_santa_rosa(santa_root, train_ids)
+    quick = quick_validation_sets(data, val_ids, seed=settings.split_seed + 1)
+    return TrainingData(tiles, pairs, quick, val_ids, train=json.loads(settings_json(settings)))
+
+
+def train_step(
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    amp_dtype: torch.dtype | None,
+    dice_weight: float,
+) -> torch.Tensor:
+    """One optimiser step on ``batch`` = ``(images, labels, weight)`` (on the module's device); the loss, detached."""
+    x, y, w = batch
+    ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        logits = module(x)
+    loss = masked_bce_dice(logits, y, w, dice_weight)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+def train(
+    settings: TrainSettings, out_path: str | Path, *, data: Path | TrainingData, resume: bool = False
+) -> TrainResult:
     """Train ``settings.arch`` and write its checkpoint to ``out_path``.
 
     Every ``checkpoint_every`` steps (and when the run stops) the checkpoint and the resumable state
@@ -285,7 +383,8 @@ def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: 
     Args:
         settings: the ``train`` section of params.yaml.
         out_path: the checkpoint to write (also written every ``checkpoint_every`` steps).
-        data: the shared data folder (``paths.shared``).
+        data: the shared data folder (``paths.shared``), or the data already read (:func:`load_training_data`,
+            :func:`pipeline.model.bundle.read_bundle`).
         resume: continue the run whose state is beside ``out_path``.
 
     Returns:
@@ -319,20 +418,18 @@ def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: 
     amp_dtype = autocast_dtype(settings.amp, device)
     log.info("training %s (%d parameters) on %s, autocast %s", settings.arch, n_params, device, amp_dtype)
 
-    santa_root = data / "xbd-santa-rosa"
-    train_ids, val_ids = split_clusters(santa_root, settings.val_fraction, settings.split_seed)
-    log.info("Santa Rosa split (seed %d): %d train tiles, held out %r", settings.split_seed, len(train_ids), val_ids)
-    pairs: dict[str, list[RealPair]] = {}
-    if settings.mix.get("whu", 0) > 0:
-        whu_train, _ = whu_split(data / "whu-cd")
-        pairs["whu"] = load_png_pairs(data / "whu-cd", "new", names=whu_train)
-    if settings.mix.get("joplin", 0) > 0:
-        pairs["joplin"] = load_png_pairs(data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
+    training = data if isinstance(data, TrainingData) else load_training_data(settings, Path(data))
+    val_ids = training.val_ids
     rng = np.random.default_rng(settings.seed)
     sampler = TrainingSampler(
-        load_santa_rosa(santa_root, train_ids), dict(settings.mix), rng, pairs=pairs, coarsen_p=settings.coarsen_p
+        training.tiles,
+        dict(settings.mix),
+        rng,
+        pairs=training.pairs,
+        coarsen_p=settings.coarsen_p,
+        synth_pairs=training.synth,
     )
-    quick = QuickValidation(data, val_ids, seed=settings.split_seed + 1)
+    quick = QuickValidation(training.quick_sets)
 
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -340,7 +437,7 @@ def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: 
     settings.log_path.parent.mkdir(parents=True, exist_ok=True)
     meta_base: dict[str, Any] = {
         "threshold": 0.5,
-        "train": json.loads(settings.model_dump_json()),
+        "train": json.loads(settings_json(settings)),
         "val_ids": val_ids,
         "parameters": n_params,
         "native_gsd_m": NATIVE_GSD_M,
@@ -379,7 +476,7 @@ def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: 
 
         def save_state() -> None:
             payload = {
-                "settings": settings.model_dump_json(),
+                "settings": settings_json(settings),
                 "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
                 "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -421,21 +518,10 @@ def train(settings: TrainSettings, out_path: str | Path, *, data: Path, resume: 
                 lr = settings.lr * lr_factor(progress, warmup)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                (images, labels, weight), sampler_state = prefetch.next()
-                x = torch.from_numpy(images).to(device, non_blocking=True)
-                y = torch.from_numpy(labels).to(device, non_blocking=True)
-                w = torch.from_numpy(weight).to(device, non_blocking=True)
-                ctx = (
-                    torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-                )
-                with ctx:
-                    logits = module(x)
-                loss = masked_bce_dice(logits, y, w, settings.dice_weight)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(loss.detach()))
+                batch, sampler_state = prefetch.next()
+                x, y, w = (torch.from_numpy(a).to(device, non_blocking=True) for a in batch)
+                loss = train_step(module, opt, scaler, (x, y, w), amp_dtype, settings.dice_weight)
+                losses.append(float(loss))
                 losses = losses[-settings.log_every :]
                 step += 1
                 run_steps += 1
