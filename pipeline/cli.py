@@ -286,6 +286,40 @@ def train(settings: Settings, out: Path | None, arch: str | None, resume: bool) 
 
 
 @cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".bundle"),
+    show_default=True,
+    help="The bundle folder (replaced).",
+)
+@click.option(
+    "--demo-pairs",
+    type=click.IntRange(min=0),
+    default=48,
+    show_default=True,
+    help="Demo-town pairs (448 px, about 165 KB each) to pre-render for the synth source (the GPU cannot).",
+)
+@stage
+def bundle(settings: Settings, out: Path, demo_pairs: int) -> str:
+    """Write the training data (params train section, paths.shared) as a bundle for a GPU machine.
+
+    The bundle needs neither rasterio nor pydantic to read; 'python -m pipeline.model.gpu_train' trains
+    from it (scripts/gpu_train.sh).
+    """
+    from pipeline.model.bundle import write_bundle
+    from pipeline.model.train import load_training_data
+
+    data = load_training_data(settings.train, settings.paths.shared)
+    manifest = write_bundle(data, out, demo_pairs=demo_pairs, source=settings.paths.shared)
+    return (
+        f"training bundle: {len(manifest['tiles'])} Santa Rosa tiles, "
+        f"{ {k: len(v) for k, v in manifest['pairs'].items()} } pairs, {len(manifest['synth']['items'])} demo pairs, "
+        f"{manifest['bytes'] / 2**20:.1f} MiB -> {out}"
+    )
+
+
+@cli.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to calibrate.")
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of over --model."
