@@ -18,7 +18,8 @@ import geopandas as gpd
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from pipeline.ledger.view import SQM_PER_MU, MonthView
+from pipeline.formats import MU_M2
+from pipeline.ledger.view import MonthView
 
 STATE_ZH: dict[str, str] = {
     "warning": "预警",
@@ -234,7 +235,7 @@ def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, A
                 "category": category,
                 "category_zh": CATEGORY_ZH.get(category, ""),
                 "area_m2": _fmt(row.area_m2, 1),
-                "area_mu": _fmt(float(row.area_m2) / SQM_PER_MU, 3),
+                "area_mu": _fmt(float(row.area_m2) / MU_M2, 3),
                 "district": _text(row.district),
                 "street": _text(row.street),
                 "grid": unit,

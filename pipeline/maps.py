@@ -34,7 +34,6 @@ from pipeline.fileio import atomic_path
 from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import (
     EVENT_TO_STATE,
-    SQM_PER_MU,
     MonthView,
     _layers,
     load_month_view,
@@ -68,7 +67,6 @@ __all__ = [
     "FLAG_COLORS",
     "FLAG_ZH",
     "KIND_ZH",
-    "SQM_PER_MU",
     "STATES",
     "STATE_COLORS",
     "STATE_ZH",

@@ -34,11 +34,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
 from pipeline.fileio import atomic_path
+from pipeline.formats import MU_M2
 from pipeline.maps import (
     ALERT_ZH,
     FLAG_ZH,
     KIND_ZH,
-    SQM_PER_MU,
     STATE_ZH,
     STATES,
     MonthView,
@@ -160,7 +160,7 @@ LABELS: dict[str, dict[str, str]] = {
 
 def _area(values: pd.Series) -> dict[str, float]:
     m2 = float(values.sum()) if len(values) else 0.0
-    return {"area_m2": round(m2, 1), "area_mu": round(m2 / SQM_PER_MU, 3)}
+    return {"area_m2": round(m2, 1), "area_mu": round(m2 / MU_M2, 3)}
 
 
 def _permitted_cases(view: MonthView) -> set[str]:
@@ -185,7 +185,7 @@ def _row(case: Any) -> dict[str, Any]:
         "district": str(case.district or ""),
         "street": str(case.street or ""),
         "area_m2": round(area, 1),
-        "area_mu": round(area / SQM_PER_MU, 3),
+        "area_mu": round(area / MU_M2, 3),
         "state": str(case.state_at),
     }
 
@@ -384,7 +384,7 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
                 "street": str(r["street"]),
                 "count": int(r["n"]),
                 "area_m2": round(float(r["area"]), 1),
-                "area_mu": round(float(r["area"]) / SQM_PER_MU, 3),
+                "area_mu": round(float(r["area"]) / MU_M2, 3),
             }
             for r in by_place.to_dict("records")
         ],

@@ -17,10 +17,11 @@ import numpy as np
 from affine import Affine
 from shapely.geometry import box
 
+from pipeline.formats import MU_M2
+
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4860000.0
 MONTH = "2026-03"
-SQM_PER_MU = 10000.0 / 15.0
 
 
 def rect(x: float, y: float, area: float, aspect: float = 1.0) -> Any:
@@ -107,7 +108,7 @@ def write_inputs(root: Path) -> dict[str, Path]:
             "month": [f[1] for f in FLAGS],
             "kind": [f[2] for f in FLAGS],
             "area_m2": [f[3] for f in FLAGS],
-            "area_mu": [f[3] / SQM_PER_MU for f in FLAGS],
+            "area_mu": [f[3] / MU_M2 for f in FLAGS],
             "p_mean": [0.81] * len(FLAGS),
             "p_max": [0.97] * len(FLAGS),
             "lon": [125.0] * len(FLAGS),

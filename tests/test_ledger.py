@@ -19,6 +19,7 @@ from pipeline.errors import (
     MissingInputError,
     ScarWatchError,
 )
+from pipeline.formats import MU_M2
 from pipeline.ledger import build_ledger, fold_state, read_ledger
 from pipeline.ledger.events import EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, event_id
 from pipeline.ledger.lifecycle import STATES, TRANSITIONS, apply, fold_kinds, next_state, seed_path
@@ -42,7 +43,7 @@ def write_flags(flags_dir: Path, month: str, rows: Sequence[tuple[str, str, Poly
             "month": [month] * len(rows),
             "kind": [k for _, k, _ in rows],
             "area_m2": [g.area for g in geoms],
-            "area_mu": [g.area / 666.67 for g in geoms],
+            "area_mu": [g.area / MU_M2 for g in geoms],
             "p_mean": [0.8] * len(rows),
             "p_max": [0.9] * len(rows),
             "lon": [125.3] * len(rows),

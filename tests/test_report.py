@@ -7,11 +7,12 @@ from typing import Any
 
 import geopandas as gpd
 import pytest
-from maps_report_data import CRS, FLAGS, MONTH, SQM_PER_MU, rect, write_inputs
+from maps_report_data import CRS, FLAGS, MONTH, rect, write_inputs
 
 from pipeline import report
 from pipeline.config import ReportSettings
 from pipeline.errors import CorruptFileError, MissingInputError
+from pipeline.formats import MU_M2
 
 QA = {
     "method": "phase_correlation",
@@ -63,7 +64,7 @@ def test_new_illegal_construction_excludes_permits(built: dict[str, Any]) -> Non
     assert m["month"] == MONTH
     assert m["new_cases"]["count"] == 3
     assert m["new_cases"]["area_m2"] == pytest.approx(450.0)
-    assert m["new_cases"]["area_mu"] == pytest.approx(450.0 / SQM_PER_MU, abs=1e-3)
+    assert m["new_cases"]["area_mu"] == pytest.approx(450.0 / MU_M2, abs=1e-3)
     assert [c["case_id"] for c in m["new_cases"]["cases"]] == ["C-001", "C-002", "C-003"]
     assert [c["state"] for c in m["new_cases"]["cases"]] == ["warning", "confirmed", "stopped"]
     assert m["permitted"] == {"count": 1, "area_m2": 300.0, "area_mu": 0.45, "case_ids": ["C-004"]}

@@ -17,11 +17,9 @@ import pandas as pd
 
 from pipeline.config import check_month
 from pipeline.errors import CorruptFileError, CRSError, CRSMismatchError, InputError, MissingInputError
+from pipeline.formats import MU_M2
 
 log = logging.getLogger(__name__)
-
-SQM_PER_MU = 10000.0 / 15.0
-"""Square metres in one 亩 (mu)."""
 
 EVENT_TO_STATE: dict[str, str] = {
     "flagged": "warning",
@@ -157,7 +155,7 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
         if col not in flags.columns:
             flags[col] = default
     if "area_mu" not in flags.columns:
-        flags["area_mu"] = flags["area_m2"] / SQM_PER_MU
+        flags["area_mu"] = flags["area_m2"] / MU_M2
 
     events = events.assign(month=_month_of(events, "at"), at=events["at"].astype(str))
     if "first_month" not in cases.columns:  # derive it from the whole log, before the cut
