@@ -596,3 +596,15 @@ def test_inspector_may_confirm_a_permit_dismissal(tmp_path: Path) -> None:
     assert kinds_of(events, "SW-202602-0001") == ["flagged", "dismissed", "dismissed"]
     assert events["source"].tolist() == ["imagery", "permit", "field"]
     assert cases["state"].tolist() == ["dismissed"]
+
+
+def test_labels_name_every_state_kind_category_and_alert() -> None:
+    from pipeline.ledger.alerts import ALERT_TEXT
+    from pipeline.ledger.events import CATEGORIES
+    from pipeline.ledger.labels import ALERT_ZH, CATEGORY_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+
+    assert set(STATE_ZH) == set(STATES)
+    assert set(KIND_ZH) == set(EVENT_KINDS)
+    assert set(CATEGORY_ZH) == set(CATEGORIES)
+    assert set(ALERT_ZH) == set(ALERT_TEXT)
+    assert set(FLAG_ZH) == {"new", "removed"}

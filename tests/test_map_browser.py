@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from maps_report_data import MONTH, N_ALERTS_MONTH, N_CASES_MONTH, N_FLAGS_MONTH, FakePair, fake_open, write_inputs
 
-from pipeline import maps
 from pipeline.config import MapSettings
+from pipeline.publish import maps
 
 pytestmark = pytest.mark.browser
 

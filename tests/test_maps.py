@@ -17,9 +17,14 @@ from maps_report_data import (
     write_inputs,
 )
 
-from pipeline import maps
 from pipeline.config import MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
+from pipeline.ledger.labels import STATE_ZH
+from pipeline.ledger.lifecycle import STATES
+from pipeline.ledger.view import load_month_view
+from pipeline.publish import maps
+from pipeline.publish.mapimagery import make_chips, make_overlay
+from pipeline.publish.maplayers import FLAG_COLORS, STATE_COLORS
 
 
 class _Links(HTMLParser):
@@ -83,7 +88,7 @@ def test_layers_have_one_feature_per_record(full_map: str) -> None:
     kinds = sorted(f["properties"]["kind"] for f in _layer(layers, "本月图斑"))
     assert kinds == ["new", "new", "new", "new", "removed"]
     colors = {f["properties"]["kind"]: f["properties"]["color"] for f in _layer(layers, "本月图斑")}
-    assert colors == {"new": maps.FLAG_COLORS["new"], "removed": maps.FLAG_COLORS["removed"]}
+    assert colors == {"new": FLAG_COLORS["new"], "removed": FLAG_COLORS["removed"]}
     for feature in _layer(layers, "案件"):  # reprojected to lon/lat at the folium boundary
         lon, lat = feature["geometry"]["coordinates"][0][0]
         assert 125.9 < lon < 126.1 and 43.8 < lat < 44.0
@@ -119,7 +124,7 @@ def test_case_and_alert_popups(full_map: str) -> None:
     assert "C-007" not in cases  # opens in April
     assert cases["C-001"]["state"] == "warning"
     assert cases["C-006"]["state"] == "closed" and cases["C-005"]["state"] == "demolished"
-    assert cases["C-006"]["color"] == maps.STATE_COLORS["closed"]
+    assert cases["C-006"]["color"] == STATE_COLORS["closed"]
     assert "C-006" in cases["C-006"]["popup"] and "亩" in cases["C-006"]["popup"]
     assert "销号" in cases["C-006"]["popup"]
     alerts = [f["properties"] for f in _layer(layers, "告警")]
@@ -129,8 +134,8 @@ def test_case_and_alert_popups(full_map: str) -> None:
 
 def test_legend_lists_every_state(full_map: str) -> None:
     legend = full_map[full_map.index('class="sw-legend') :]
-    for state in maps.STATES:
-        assert f"{maps.STATE_ZH[state]} {state}" in legend
+    for state in STATES:
+        assert f"{STATE_ZH[state]} {state}" in legend
 
 
 def test_minimal_map_without_layers_or_imagery(inputs: dict[str, Path], tmp_path: Path) -> None:
@@ -161,9 +166,9 @@ def test_online_tiles_are_opt_in(inputs: dict[str, Path], tmp_path: Path) -> Non
 def test_chips_and_overlay_read_only_inside_the_grid(inputs: dict[str, Path]) -> None:
     pair = FakePair()
     flags = gpd.read_file(inputs["flags"], layer="flags")
-    chips = maps.make_chips(pair, flags, MapSettings(max_chips=3, chip_px=32))
+    chips = make_chips(pair, flags, MapSettings(max_chips=3, chip_px=32))
     assert len(chips) == 3 and all(u.startswith("data:image/jpeg;base64,") for c in chips.values() for u in c)
-    overlay = maps.make_overlay(pair, MapSettings(overlay_max_px=128))
+    overlay = make_overlay(pair, MapSettings(overlay_max_px=128))
     (south, west), (north, east) = overlay.bounds
     assert 43.87 < south < north < 43.90 and 125.99 < west < east < 126.03
     for win in pair.reads:
@@ -195,7 +200,7 @@ def test_leaflet_assets_come_from_the_package() -> None:
 
 
 def test_state_as_of_follows_the_log_order(inputs: dict[str, Path]) -> None:
-    view = maps.load_month_view("2026-02", inputs["ledger"], inputs["flags"])
+    view = load_month_view("2026-02", inputs["ledger"], inputs["flags"])
     states = dict(zip(view.cases["case_id"], view.cases["state_at"], strict=True))
     assert states == {"C-005": "ordered", "C-006": "demolished", "C-008": "stopped"}  # seed events share a date
     assert list(view.flags["flag_id"]) == ["F-0201"] and len(view.alerts) == 1

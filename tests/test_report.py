@@ -9,10 +9,10 @@ import geopandas as gpd
 import pytest
 from maps_report_data import CRS, FLAGS, MONTH, rect, write_inputs
 
-from pipeline import report
 from pipeline.config import ReportSettings
 from pipeline.errors import CorruptFileError, MissingInputError
 from pipeline.formats import MU_M2
+from pipeline.publish import report
 
 QA = {
     "method": "phase_correlation",

@@ -1,9 +1,9 @@
-"""The inspector map's GeoJSON layers: flags, cases and alerts with bilingual popups, and their vocabulary.
+"""The inspector map's GeoJSON layers: flags, cases, alerts and outlines with bilingual popups, and their colours.
 
-Each ``*_features`` function turns a :class:`~pipeline.ledger.view.MonthView` into a FeatureCollection in
-EPSG:4326 (the folium boundary) whose features carry a colour and a popup rendered by the macros of
-``templates/map_popup.html.j2``. The Chinese names and colours of states, event kinds, flags and alerts
-live here; the monthly report uses the same names.
+Each ``*_features`` function turns a :class:`~pipeline.ledger.view.MonthView` (or an outline layer) into a
+FeatureCollection in EPSG:4326 (the folium boundary) whose features carry a colour and a popup rendered by
+the macros of ``templates/map_popup.html.j2``; :func:`legend_html` renders the legend. The Chinese names
+come from :mod:`pipeline.ledger.labels` (the report uses the same); the colours are the map's own.
 """
 
 from __future__ import annotations
@@ -19,18 +19,10 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from pipeline.formats import MU_M2
+from pipeline.ledger.labels import ALERT_ZH, CATEGORY_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import MonthView
 
-STATE_ZH: dict[str, str] = {
-    "warning": "预警",
-    "confirmed": "已发现",
-    "stopped": "已制止",
-    "ordered": "处置中",
-    "demolished": "已拆除",
-    "repaired": "已修复",
-    "closed": "已销号",
-    "dismissed": "已排除",
-}
 STATE_COLORS: dict[str, str] = {
     "warning": "#e31a1c",
     "confirmed": "#fd8d3c",
@@ -41,39 +33,17 @@ STATE_COLORS: dict[str, str] = {
     "closed": "#1a9850",
     "dismissed": "#969696",
 }
-KIND_ZH: dict[str, str] = {
-    "flagged": "预警",
-    "confirmed": "确认",
-    "dismissed": "排除",
-    "stopped": "制止",
-    "ordered": "限期处置",
-    "demolished": "拆除",
-    "repaired": "修复",
-    "closed": "销号",
-    "observed_present": "影像可见",
-    "observed_removed": "影像已拆除",
-    "expanded": "扩建",
-    "rebuilt": "反弹重建",
-}
-FLAG_ZH: dict[str, str] = {"new": "新增", "removed": "消失"}
+"""Lifecycle state → the colour of its cases on the map (and in the legend)."""
 FLAG_COLORS: dict[str, str] = {"new": "#d7191c", "removed": "#2c7bb6"}
-CATEGORY_ZH: dict[str, str] = {"illegal_construction": "违法建设", "scar": "城市疮疤"}
-ALERT_ZH: dict[str, str] = {
-    "overdue": "逾期未拆除",
-    "rebuild": "反弹",
-    "expansion_after_stop": "制止后扩建",
-    "unrepaired_scar": "疮疤未修复",
-    "demolition_unverified": "拆除未经影像核实",
-    "removal_unrecorded": "影像已拆除但未登记",
-}
-"""Short Chinese names of the ledger's alert kinds (``pipeline.ledger.ALERT_TEXT`` holds the messages)."""
+"""Flag kind → the colour of its outline on the map and on the chips."""
 ALERT_COLOR = "#ff7f00"
+"""The colour of the alert markers."""
 
 
 @lru_cache(maxsize=1)
 def _templates() -> Environment:
     return Environment(
-        loader=PackageLoader("pipeline", "templates"),
+        loader=PackageLoader("pipeline.publish", "templates"),
         autoescape=select_autoescape(["html", "html.j2"]),
         trim_blocks=False,
     )
@@ -248,6 +218,22 @@ def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, A
             {"case_id": case_id, "state": state, "color": STATE_COLORS.get(state, "#000"), "popup": str(popup)}
         )
     return _feature_collection(view.cases, props)
+
+
+def outline_features(frame: gpd.GeoDataFrame, column: str) -> dict[str, Any]:
+    """An outline layer (districts, streets, grid cells) as GeoJSON, each feature named by ``column``."""
+    return _feature_collection(frame, [{"name": _text(v)} for v in frame[column]])
+
+
+def legend_html(title: str) -> str:
+    """The map's legend: every lifecycle state and both flag kinds with their colours, Chinese first."""
+    return str(
+        _macro("legend")(
+            title,
+            [(s, STATE_ZH[s], STATE_COLORS[s]) for s in STATES],
+            [(k, FLAG_ZH[k], FLAG_COLORS[k]) for k in ("new", "removed")],
+        )
+    )
 
 
 def alert_features(view: MonthView) -> dict[str, Any]:

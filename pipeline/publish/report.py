@@ -1,7 +1,7 @@
 """The monthly incremental-construction report (新增违法建设月报): HTML, Markdown and metrics JSON.
 
 Figures are computed once (:func:`compute_figures`) from the month's view of the ledger and flags (see
-:func:`pipeline.maps.load_month_view`) and rendered twice by the templates ``report.html.j2`` and
+:func:`pipeline.ledger.view.load_month_view`) and rendered twice by the templates ``report.html.j2`` and
 ``report.md.j2``, one section per language in ``report.languages`` order (Chinese first by default).
 
 Conventions read from the ledger:
@@ -35,16 +35,9 @@ from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
 from pipeline.fileio import atomic_path
 from pipeline.formats import MU_M2
-from pipeline.maps import (
-    ALERT_ZH,
-    FLAG_ZH,
-    KIND_ZH,
-    STATE_ZH,
-    STATES,
-    MonthView,
-    load_month_view,
-    read_layer,
-)
+from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+from pipeline.ledger.lifecycle import STATES
+from pipeline.ledger.view import MonthView, load_month_view, read_layer
 
 if TYPE_CHECKING:
     from pipeline.evaluate import MatchMode
@@ -467,7 +460,7 @@ def trend_chart(view: MonthView) -> str | None:
 @lru_cache(maxsize=2)
 def _env(autoescape: bool) -> Environment:
     env = Environment(
-        loader=PackageLoader("pipeline", "templates"),
+        loader=PackageLoader("pipeline.publish", "templates"),
         autoescape=autoescape,
         undefined=StrictUndefined,
         trim_blocks=True,
