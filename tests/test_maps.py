@@ -204,3 +204,16 @@ def test_state_as_of_follows_the_log_order(inputs: dict[str, Path]) -> None:
     states = dict(zip(view.cases["case_id"], view.cases["state_at"], strict=True))
     assert states == {"C-005": "ordered", "C-006": "demolished", "C-008": "stopped"}  # seed events share a date
     assert list(view.flags["flag_id"]) == ["F-0201"] and len(view.alerts) == 1
+
+
+def test_a_broken_outline_layer_names_its_fix_not_the_demo(inputs: dict[str, Path], tmp_path: Path) -> None:
+    layers = tmp_path / "layers"
+    layers.mkdir()
+    gpd.read_file(inputs["layers"] / "streets.gpkg").drop(columns=["street"]).to_file(layers / "streets.gpkg")
+    with pytest.raises(
+        InputError, match=r"streets\.gpkg: layer .* lacks columns \['street'\].*fix or remove it"
+    ) as err:
+        maps.build_map(
+            MONTH, inputs["ledger"], inputs["flags"], tmp_path / "m.html", settings=MapSettings(), layers_dir=layers
+        )
+    assert "demo" not in str(err.value)

@@ -1,8 +1,9 @@
 """The month view of the ledger: the ledger and one month's flags as they stood at the month's end.
 
 :func:`load_month_view` reads the ledger GeoPackage (layers ``events``, ``cases``, ``alerts``) and the
-month's flags, checks their CRS and columns (:func:`read_layer`) and cuts them at the month, folding each
-case's state as of then (:func:`state_as_of`). The inspector map and the monthly report both read it.
+month's flags, checks their CRS and columns (:func:`pipeline.fileio.read_layer`) and cuts them at the
+month, folding each case's state as of then (:func:`state_as_of`). The inspector map and the monthly
+report both read it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 
 from pipeline.config import check_month
-from pipeline.errors import CorruptFileError, CRSError, CRSMismatchError, InputError, MissingInputError
+from pipeline.errors import CRSMismatchError
+from pipeline.fileio import read_layer
 from pipeline.formats import MU_M2
+from pipeline.ledger.store import LEDGER_FIX
 
 log = logging.getLogger(__name__)
 
@@ -58,51 +62,6 @@ class MonthView:
     alerts: gpd.GeoDataFrame
 
 
-def _layers(path: Path) -> list[str]:
-    import pyogrio
-
-    try:
-        return [str(name) for name in pyogrio.list_layers(path)[:, 0]]
-    except Exception as exc:  # pyogrio raises several DataSourceError flavours
-        raise CorruptFileError(f"{path}: cannot be read as a GeoPackage ({exc}); rebuild it") from exc
-
-
-def read_layer(
-    path: Path, layer: str, columns: tuple[str, ...], *, optional: bool = False, stage: str = "ledger"
-) -> gpd.GeoDataFrame:
-    """Read one layer of a GeoPackage and check its CRS and columns.
-
-    Args:
-        path: the GeoPackage.
-        layer: the layer name.
-        columns: columns that must be present.
-        optional: return an empty frame (no CRS) when the layer is absent instead of raising.
-        stage: the pipeline stage that writes the file, named in error messages.
-
-    Returns:
-        The layer, in its stored CRS.
-
-    Raises:
-        MissingInputError: the file does not exist.
-        InputError: the layer or a required column is missing.
-        CRSError: the layer has no CRS.
-    """
-    if not path.exists():
-        raise MissingInputError(f"{path}: not found; run the {stage!r} stage first")
-    if layer not in _layers(path):
-        if optional:
-            log.info("%s has no layer %r; treating it as empty", str(path), layer)
-            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([]))
-        raise InputError(f"{path}: layer {layer!r} is missing; rebuild the file with the {stage!r} stage")
-    frame = gpd.read_file(path, layer=layer)
-    if frame.crs is None:
-        raise CRSError(f"{path}: layer {layer!r} has no CRS; write it with the grid CRS ({stage!r} stage)")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: layer {layer!r} lacks columns {missing!r}; rebuild it with the {stage!r} stage")
-    return frame
-
-
 def _month_of(frame: pd.DataFrame, date_column: str) -> pd.Series:
     """The ``month`` column when present, else the first 7 characters of ``date_column``."""
     if "month" in frame.columns:
@@ -140,10 +99,21 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
         CRSMismatchError: the ledger and the flags are in different CRSs.
     """
     check_month(month)
-    flags = read_layer(Path(flags_path), "flags", _FLAG_COLUMNS, stage="vectorize")
-    cases = read_layer(Path(ledger_path), "cases", _CASE_COLUMNS)
-    events = read_layer(Path(ledger_path), "events", _EVENT_COLUMNS)
-    alerts = read_layer(Path(ledger_path), "alerts", _ALERT_COLUMNS, optional=True)
+    flags = read_layer(
+        Path(flags_path),
+        "flags",
+        what=f"flags of {month}",
+        fix=f"run the 'vectorize' stage (`scarwatch vectorize --month {month}`)",
+        columns=_FLAG_COLUMNS,
+    )
+    ledger = Path(ledger_path)
+    cases = read_layer(ledger, "cases", what="the ledger", fix=LEDGER_FIX, columns=_CASE_COLUMNS)
+    events = read_layer(ledger, "events", what="the ledger", fix=LEDGER_FIX, columns=_EVENT_COLUMNS)
+    if "alerts" in pyogrio.list_layers(ledger)[:, 0]:
+        alerts = read_layer(ledger, "alerts", what="the ledger", fix=LEDGER_FIX, columns=_ALERT_COLUMNS)
+    else:
+        log.info("%s has no layer 'alerts'; treating it as empty", str(ledger))
+        alerts = gpd.GeoDataFrame({c: [] for c in _ALERT_COLUMNS}, geometry=gpd.GeoSeries([]))
     if not flags.crs.equals(cases.crs):
         raise CRSMismatchError(
             f"{flags_path} is in {flags.crs.to_string()!r} but {ledger_path} in {cases.crs.to_string()!r}; "

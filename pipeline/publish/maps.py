@@ -30,8 +30,8 @@ import pandas as pd
 
 from pipeline.config import MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
-from pipeline.fileio import atomic_path
-from pipeline.ledger.view import _layers, load_month_view, read_layer
+from pipeline.fileio import atomic_path, read_layer
+from pipeline.ledger.view import load_month_view
 from pipeline.publish.mapimagery import Overlay, make_chips, make_overlay
 from pipeline.publish.maplayers import (
     ALERT_COLOR,
@@ -97,7 +97,8 @@ def _read_outlines(layers_dir: Path, crs: Any) -> dict[str, gpd.GeoDataFrame]:
             log.info("no %s layer at %s; the map leaves it out", name, str(path))
             continue
         columns = (label, "unit") if name == "grid" else (label,)
-        frame = read_layer(path, _layers(path)[0], columns, stage="demo")
+        fix = f"fix or remove it (the map leaves a missing outline out); it needs polygons with {', '.join(columns)}"
+        frame = read_layer(path, what=f"{name} outlines", fix=fix, columns=columns)
         if not frame.crs.equals(crs):
             log.warning("reprojecting %s from %s to the grid CRS %s", str(path), frame.crs.to_string(), crs.to_string())
             frame = frame.to_crs(crs)

@@ -33,11 +33,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, read_layer
 from pipeline.formats import MU_M2
 from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
 from pipeline.ledger.lifecycle import STATES
-from pipeline.ledger.view import MonthView, load_month_view, read_layer
+from pipeline.ledger.view import MonthView, load_month_view
 
 if TYPE_CHECKING:
     from pipeline.evaluate import MatchMode
@@ -300,7 +300,9 @@ def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str,
     """
     from pipeline.evaluate import object_scores
 
-    truth = read_layer(Path(truth_path), "changes", ("month", "kind"), stage="demo")
+    truth = read_layer(
+        Path(truth_path), "changes", what="the demo truth", fix="run the 'demo' stage", columns=("month", "kind")
+    )
     truth = truth[truth["month"].astype(str) == month]
     if len(truth) and not truth.crs.equals(flags.crs):
         log.warning(
