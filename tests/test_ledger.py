@@ -608,3 +608,33 @@ def test_labels_name_every_state_kind_category_and_alert() -> None:
     assert set(CATEGORY_ZH) == set(CATEGORIES)
     assert set(ALERT_ZH) == set(ALERT_TEXT)
     assert set(FLAG_ZH) == {"new", "removed"}
+
+
+def test_month_view_folds_states_like_the_ledger(tmp_path: Path) -> None:
+    from pipeline.ledger import load_month_view
+
+    months = _scenario(tmp_path)
+    out = run(tmp_path, months)
+    events, cases, _ = read_ledger(out)
+    for month in months:
+        view = load_month_view(month, out, tmp_path / "flags" / f"{month}.gpkg")
+        cut = events[events["month"] <= month]
+        for case_id, state in zip(view.cases["case_id"], view.cases["state_at"], strict=True):
+            assert state == fold_state(cut[cut["case_id"] == case_id])
+    assert dict(zip(view.cases["case_id"], view.cases["state_at"], strict=True)) == dict(
+        zip(cases["case_id"], cases["state"], strict=True)
+    )
+
+
+def test_month_view_refuses_a_log_the_lifecycle_does_not_allow(tmp_path: Path) -> None:
+    from pipeline.errors import CorruptFileError
+    from pipeline.ledger import load_month_view
+    from pipeline.ledger.store import write_ledger
+
+    months = _scenario(tmp_path)
+    out = run(tmp_path, months)
+    events, cases, alerts = read_ledger(out)
+    events.loc[(events["case_id"] == "S-2") & (events["kind"] == "confirmed"), "kind"] = "stopped"
+    write_ledger(out, events, cases, alerts)
+    with pytest.raises(CorruptFileError, match=r"layer 'events' does not fold .*case S-2 .*run the 'ledger' stage"):
+        load_month_view("2026-03", out, tmp_path / "flags" / "2026-03.gpkg")

@@ -18,24 +18,13 @@ import pandas as pd
 import pyogrio
 
 from pipeline.config import check_month
-from pipeline.errors import CRSMismatchError
+from pipeline.errors import CorruptFileError, CRSMismatchError, LedgerError
 from pipeline.fileio import read_layer
 from pipeline.formats import MU_M2
+from pipeline.ledger.lifecycle import fold_kinds
 from pipeline.ledger.store import LEDGER_FIX
 
 log = logging.getLogger(__name__)
-
-EVENT_TO_STATE: dict[str, str] = {
-    "flagged": "warning",
-    "confirmed": "confirmed",
-    "dismissed": "dismissed",
-    "stopped": "stopped",
-    "ordered": "ordered",
-    "demolished": "demolished",
-    "repaired": "repaired",
-    "closed": "closed",
-}
-"""Event kinds that move a case to a state; imagery observations leave the state as it is."""
 
 _FLAG_COLUMNS = ("flag_id", "kind", "area_m2")
 _CASE_COLUMNS = ("case_id", "state")
@@ -70,18 +59,22 @@ def _month_of(frame: pd.DataFrame, date_column: str) -> pd.Series:
 
 
 def state_as_of(cases: pd.DataFrame, events: pd.DataFrame) -> pd.Series:
-    """Each case's state after its last state-changing event in ``events`` (else its ledger state).
+    """Each case's state folded from its events in ``events`` through the lifecycle (the ledger's own fold).
 
     Args:
-        cases: cases with ``case_id`` and ``state``.
-        events: events already cut at the month, sorted by ``at``.
+        cases: cases with ``case_id``.
+        events: events already cut at the month, in log order (by ``seq``).
 
     Returns:
         States indexed like ``cases``.
+
+    Raises:
+        IllegalTransitionError: a case's events hold a transition the lifecycle does not allow.
+        ValueError: a case has no event that opens it up to the month.
     """
-    moving = events[events["kind"].isin(list(EVENT_TO_STATE))]
-    last = moving.groupby("case_id")["kind"].last().map(EVENT_TO_STATE)
-    return cases["case_id"].map(last).fillna(cases["state"]).astype(str)
+    kinds = events.groupby("case_id", sort=False)["kind"].agg(list)
+    states = [fold_kinds(kinds.get(case_id, []), case_id=str(case_id)) for case_id in cases["case_id"]]
+    return pd.Series(states, index=cases.index, dtype=object)
 
 
 def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthView:
@@ -97,6 +90,7 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
 
     Raises:
         CRSMismatchError: the ledger and the flags are in different CRSs.
+        CorruptFileError: a case's events do not fold through the lifecycle (see :func:`state_as_of`).
     """
     check_month(month)
     flags = read_layer(
@@ -135,7 +129,12 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
     order = [c for c in ("seq",) if c in events.columns] or [c for c in ("at", "event_id") if c in events.columns]
     events = events[events["month"] <= month].sort_values(order, kind="stable")  # `seq` is the log order
     cases = cases[cases["first_month"].astype(str) <= month]
-    cases = cases.assign(state_at=state_as_of(cases, events))
+    try:
+        cases = cases.assign(state_at=state_as_of(cases, events))
+    except (LedgerError, ValueError) as exc:  # the ledger stage writes only legal logs
+        raise CorruptFileError(
+            f"{ledger_path}: layer 'events' does not fold through the lifecycle as of {month} ({exc}); {LEDGER_FIX}"
+        ) from exc
     for col in ("district", "street", "category", "opened_at", "deadline"):
         if col not in cases.columns:
             cases[col] = ""
