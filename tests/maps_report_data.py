@@ -18,6 +18,7 @@ from affine import Affine
 from shapely.geometry import box
 
 from pipeline.formats import MU_M2
+from pipeline.vectorize import COLUMNS, flag_id
 
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4860000.0
@@ -97,6 +98,30 @@ ALERTS = [  # case_id, kind, month
     ("C-005", "overdue", "2026-02", "逾期未拆除", "demolition overdue"),
 ]
 N_ALERTS_MONTH = 2
+
+
+def write_flags(path: Path, month: str, rows: list[tuple[str, Any, str, str]]) -> gpd.GeoDataFrame:
+    """Write a month's flags as vectorize does (its columns, ids and 亩) from (kind, polygon, district, street)."""
+    frame = gpd.GeoDataFrame(
+        {
+            "flag_id": [flag_id(month, kind, geom) for kind, geom, _, _ in rows],
+            "month": [month] * len(rows),
+            "kind": [kind for kind, _, _, _ in rows],
+            "area_m2": [round(geom.area, 2) for _, geom, _, _ in rows],
+            "area_mu": [round(geom.area / MU_M2, 4) for _, geom, _, _ in rows],
+            "p_mean": [0.81] * len(rows),
+            "p_max": [0.97] * len(rows),
+            "lon": [125.0] * len(rows),
+            "lat": [43.9] * len(rows),
+            "district": [d for _, _, d, _ in rows],
+            "street": [s for _, _, _, s in rows],
+        },
+        geometry=gpd.GeoSeries([geom for _, geom, _, _ in rows], crs=CRS),
+        crs=CRS,
+    )[[*COLUMNS, "geometry"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_file(path, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+    return frame
 
 
 def _case_geom(case_id: str) -> Any:

@@ -8,23 +8,27 @@ from typing import Any
 import geopandas as gpd
 import pytest
 from maps_report_data import (
+    CRS,
     MONTH,
     N_ALERTS_MONTH,
     N_CASES_MONTH,
     N_FLAGS_MONTH,
     FakePair,
     fake_open,
+    rect,
+    write_flags,
     write_inputs,
 )
 
-from pipeline.config import MapSettings
+from pipeline.config import LedgerSettings, MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
+from pipeline.ledger import build_ledger, read_ledger
 from pipeline.ledger.labels import STATE_ZH
 from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import load_month_view
 from pipeline.publish import maps
 from pipeline.publish.mapimagery import make_chips, make_overlay
-from pipeline.publish.maplayers import FLAG_COLORS, STATE_COLORS
+from pipeline.publish.maplayers import FLAG_COLORS, STATE_COLORS, flag_features
 
 
 class _Links(HTMLParser):
@@ -217,3 +221,32 @@ def test_a_broken_outline_layer_names_its_fix_not_the_demo(inputs: dict[str, Pat
             MONTH, inputs["ledger"], inputs["flags"], tmp_path / "m.html", settings=MapSettings(), layers_dir=layers
         )
     assert "demo" not in str(err.value)
+
+
+def test_a_flag_is_shown_on_the_case_the_ledger_put_it_on_and_never_on_a_dismissed_one_it_only_touches(
+    tmp_path: Path,
+) -> None:
+    """The map shows the ledger's decision: a permit case its own flag opened, but no other flag on it."""
+    permit = rect(0, 0, 400.0)
+    raw = tmp_path / "raw"
+    (raw / "layers").mkdir(parents=True)
+    gpd.GeoDataFrame(
+        {"permit_id": ["P-1"], "valid_from": ["2026-01-01"], "valid_to": [""]}, geometry=[permit], crs=CRS
+    ).to_file(raw / "layers" / "permits.gpkg", driver="GPKG")
+    built = rect(5, 5, 100.0)
+    feb = write_flags(tmp_path / "flags" / "2026-02.gpkg", "2026-02", [("new", built, "", "")])
+    mar = write_flags(tmp_path / "flags" / "2026-03.gpkg", "2026-03", [("removed", built, "", "")])
+    ledger = tmp_path / "ledger.gpkg"
+    months = ["2026-02", "2026-03"]
+    build_ledger(sorted((tmp_path / "flags").glob("*.gpkg")), raw, ledger, LedgerSettings(), months=months)
+    events, cases, _ = read_ledger(ledger)
+    assert cases["state"].tolist() == ["dismissed"] and cases["permit_id"].tolist() == ["P-1"]
+    assert mar["flag_id"][0] not in set(events["evidence"])  # the ledger matches no flag to a dismissed case
+
+    for month, flags, case_id in (("2026-02", feb, cases["case_id"][0]), ("2026-03", mar, "")):
+        view = load_month_view(month, ledger, tmp_path / "flags" / f"{month}.gpkg")
+        assert view.flags["case_id"].tolist() == [case_id]
+        (feature,) = flag_features(view, view.flags, None, {})["features"]
+        assert feature["properties"]["flag_id"] == flags["flag_id"][0]
+        assert feature["properties"]["case_id"] == case_id
+        assert ("已排除 dismissed" in feature["properties"]["popup"]) == bool(case_id)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 _FLAG_COLUMNS = ("flag_id", "kind", "area_m2")
 _CASE_COLUMNS = ("case_id", "state")
-_EVENT_COLUMNS = ("case_id", "at", "kind")
+_EVENT_COLUMNS = ("case_id", "at", "kind", "evidence")
 _ALERT_COLUMNS = ("case_id", "kind")
 
 
@@ -38,9 +38,10 @@ class MonthView:
 
     Attributes:
         month: the month, ``YYYY-MM``.
-        flags: this month's flags (layer ``flags`` rows whose ``month`` is the month).
+        flags: this month's flags (layer ``flags`` rows whose ``month`` is the month), with ``case_id``:
+            the case the ledger attached the flag to, "" when none (see :func:`flag_cases`).
         cases: cases opened by the month, with ``state_at`` (the state as of the month's end).
-        events: events up to and including the month, sorted by ``at``.
+        events: events up to and including the month, in log order (by ``seq``).
         alerts: this month's alerts.
     """
 
@@ -75,6 +76,27 @@ def state_as_of(cases: pd.DataFrame, events: pd.DataFrame) -> pd.Series:
     kinds = events.groupby("case_id", sort=False)["kind"].agg(list)
     states = [fold_kinds(kinds.get(case_id, []), case_id=str(case_id)) for case_id in cases["case_id"]]
     return pd.Series(states, index=cases.index, dtype=object)
+
+
+def flag_cases(flags: pd.DataFrame, events: pd.DataFrame) -> list[str]:
+    """The case the ledger attached each flag to: the one whose event names the flag as its ``evidence``.
+
+    This is the ledger's decision (:mod:`pipeline.ledger.matching`), read back, not a second spatial
+    match: a flag no event names belongs to no case, even where it overlaps one. For dismissed cases
+    this means: the ledger never matches a flag to a dismissed case, so a flag is linked to one only
+    when the flag itself opened the case and the ledger dismissed it at once (a flag inside a valid
+    permit); a flag that merely lies on a dismissed case is linked to none. A ``removed`` flag the
+    ledger recorded on several cases is shown on the last of them in log order.
+
+    Args:
+        flags: flags with ``flag_id``.
+        events: events in log order with ``case_id`` and ``evidence``.
+
+    Returns:
+        One case id per flag, "" for a flag the ledger attached to no case.
+    """
+    by_flag = dict(zip(events["evidence"].astype(str), events["case_id"].astype(str), strict=True))  # last wins
+    return [by_flag.get(str(flag_id), "") for flag_id in flags["flag_id"]]
 
 
 def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthView:
@@ -129,6 +151,7 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
     order = [c for c in ("seq",) if c in events.columns] or [c for c in ("at", "event_id") if c in events.columns]
     events = events[events["month"] <= month].sort_values(order, kind="stable")  # `seq` is the log order
     cases = cases[cases["first_month"].astype(str) <= month]
+    flags = flags.assign(case_id=flag_cases(flags, events))
     try:
         cases = cases.assign(state_at=state_as_of(cases, events))
     except (LedgerError, ValueError) as exc:  # the ledger stage writes only legal logs

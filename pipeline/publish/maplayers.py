@@ -9,7 +9,6 @@ come from :mod:`pipeline.ledger.labels` (the report uses the same); the colours 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -97,32 +96,6 @@ def _grid_units(frame: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None) -> list[
     return labels
 
 
-def match_flags_to_cases(flags: gpd.GeoDataFrame, view: MonthView) -> list[str]:
-    """The case each flag belongs to: named in an event's ``evidence``, else the most overlapped case."""
-    by_evidence: dict[str, str] = {}
-    if "evidence" in view.events.columns:
-        wanted = set(flags["flag_id"].astype(str))
-        for text, case_id in zip(view.events["evidence"].astype(str), view.events["case_id"], strict=True):
-            for token in re.findall(r"[\w.:-]+", text):
-                if token in wanted:
-                    by_evidence[token] = str(case_id)  # events are sorted: the latest wins
-    out = []
-    cases = view.cases
-    sindex = cases.sindex if len(cases) else None
-    for flag_id, geom in zip(flags["flag_id"].astype(str), flags.geometry, strict=True):
-        if flag_id in by_evidence:
-            out.append(by_evidence[flag_id])
-            continue
-        best, best_area = "", 0.0
-        if sindex is not None and geom is not None:
-            for i in sindex.query(geom, predicate="intersects"):
-                area = geom.intersection(cases.geometry.iloc[i]).area
-                if area > best_area:
-                    best, best_area = str(cases["case_id"].iloc[i]), area
-        out.append(best)
-    return out
-
-
 def _feature_collection(frame: gpd.GeoDataFrame, props: list[dict[str, Any]]) -> dict[str, Any]:
     """GeoJSON in EPSG:4326 (the folium boundary) with only the given properties."""
     geo = frame.geometry.to_crs(4326)
@@ -141,8 +114,13 @@ def flag_features(
     chips: Mapping[str, tuple[str, str]],
     prev_label: str = "",
 ) -> dict[str, Any]:
-    """The flags as GeoJSON with a bilingual popup per feature."""
-    case_of = match_flags_to_cases(flags, view)
+    """The flags as GeoJSON with a bilingual popup per feature.
+
+    A flag's case is the one the ledger attached it to (``flags["case_id"]`` from
+    :func:`pipeline.ledger.view.flag_cases`); the map draws no match of its own, so a flag lying on a
+    dismissed case shows that case only when the ledger recorded the flag on it.
+    """
+    case_of = [_text(c) for c in flags["case_id"]]
     states = dict(zip(view.cases["case_id"].astype(str), view.cases["state_at"], strict=True))
     history = _history(view.events)
     units = _grid_units(flags, grid)
