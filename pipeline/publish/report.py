@@ -34,7 +34,14 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
 from pipeline.fileio import atomic_path, read_layer
-from pipeline.formats import MU_M2
+from pipeline.formats import (
+    MU_M2,
+    QA_BLOCK_AFTER,
+    QA_BLOCK_BEFORE,
+    QA_BLOCK_VALUES,
+    QA_BLOCKS,
+    QA_KEYS,
+)
 from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
 from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import MonthView, load_month_view
@@ -183,19 +190,6 @@ def _row(case: Any) -> dict[str, Any]:
     }
 
 
-QA_LAYOUT_KEYS = frozenset({"row", "col", "row_off", "col_off", "width", "height", "x", "y"})
-"""Block-layout fields of qa.json records: where a block is, not how well it aligned; not summarised."""
-QA_RESIDUAL_KEYS: tuple[tuple[str, ...], ...] = (
-    ("after_px",),
-    ("residual_px",),
-    ("residual",),
-    ("dx", "dy"),
-    ("residual_x", "residual_y"),
-    ("shift_x", "shift_y"),
-)
-"""Where a qa.json block record may hold its residual shift, most specific first: a [dx, dy] field or two fields."""
-
-
 def _is_num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -216,62 +210,57 @@ def _stats_text(values: list[Any]) -> str:
     return ", ".join(f"{k}={v:g}" if k == "n" else f"{k}={v:.3f}" for k, v in st.items())
 
 
-def _record_vectors(records: list[Mapping[str, Any]], keys: tuple[str, ...]) -> list[float]:
-    """Shift magnitudes from a [dx, dy] field (one key) or from two scalar fields (two keys)."""
-    if len(keys) == 1:
-        return [math.hypot(*map(float, r[keys[0]])) for r in records if _is_pair(r.get(keys[0]))]
-    fx, fy = keys
-    return [math.hypot(float(r[fx]), float(r[fy])) for r in records if _is_num(r.get(fx)) and _is_num(r.get(fy))]
+def _magnitudes(records: list[Mapping[str, Any]], field: str) -> list[float]:
+    """The |[dx, dy]| of ``field`` in every record that holds a measured shift there."""
+    return [math.hypot(*map(float, r[field])) for r in records if _is_pair(r.get(field))]
 
 
-def summarize_qa(qa: Any, limit: int = 40) -> dict[str, Any]:
-    """Flatten a qa.json of unknown shape into rows of (key, value) and residual statistics.
+def _value_text(value: Any) -> str | None:
+    """A top-level qa.json value as the report shows it (None: nothing to show)."""
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(_is_num(v) for v in value):
+        return ", ".join(f"{float(v):.3g}" for v in value) if len(value) <= 4 else _stats_text(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
-    Numbers and strings are shown as they are; lists of numbers as n/mean/max; lists of records
-    (per-block results) as n/mean/max per numeric field and as shift magnitudes for [dx, dy] fields.
-    The residual is taken from the first of :data:`QA_RESIDUAL_KEYS` that the records hold.
+
+def summarize_qa(qa: Mapping[str, Any], limit: int = 40) -> dict[str, Any]:
+    """Summarise a qa.json as the align stage writes it into rows of (key, value) and the residual shift.
+
+    Reads exactly the keys of :mod:`pipeline.formats` (``QA_*``): the top-level values of
+    :data:`~pipeline.formats.QA_KEYS` in their order (numbers and strings as they are, [dx, dy] as two
+    numbers), then the block records of :data:`~pipeline.formats.QA_BLOCKS`: their count and, per field of
+    :data:`~pipeline.formats.QA_BLOCK_VALUES`, n/mean/max (shift magnitudes for the [dx, dy] fields). The
+    residual is the magnitude of :data:`~pipeline.formats.QA_BLOCK_AFTER` over the measured blocks.
+    Other keys are not read.
 
     Args:
-        qa: the parsed JSON.
+        qa: the parsed qa.json.
         limit: the most rows returned.
 
     Returns:
-        ``{"rows": [[key, text], ...], "residual_px": {"n", "mean", "max"} | None}``.
+        ``{"rows": [[key, text], ...], "residual_px": {"n", "mean", "max", "field"} | None}``.
     """
     rows: list[list[str]] = []
+    for key in QA_KEYS:
+        text = _value_text(qa.get(key))
+        if text is not None:
+            rows.append([key, text])
+    blocks = [b for b in qa.get(QA_BLOCKS) or [] if isinstance(b, Mapping)]
     residual: dict[str, Any] | None = None
-
-    def records(items: list[Mapping[str, Any]], key: str) -> None:
-        nonlocal residual
-        rows.append([key, f"{len(items)} records"])
-        names = sorted({k for r in items for k in r if k not in QA_LAYOUT_KEYS})
-        for name in names:
-            values = [r.get(name) for r in items]
-            if all(_is_num(v) for v in values if v is not None):
-                rows.append([f"{key}[].{name}", _stats_text([float(v) for v in values if v is not None])])
-            elif all(_is_pair(v) for v in values if v is not None):
-                rows.append([f"{key}[].{name} |d|", _stats_text(_record_vectors(items, (name,)))])
-        for keys in QA_RESIDUAL_KEYS:
-            mags = _record_vectors(items, keys)
-            if mags and residual is None:
-                residual = {**_stats(mags), "field": "/".join(keys)}
-
-    def walk(obj: Any, key: str) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(obj, list) and obj and all(_is_num(v) for v in obj):
-            rows.append([key, ", ".join(f"{float(v):.3g}" for v in obj) if len(obj) <= 4 else _stats_text(obj)])
-        elif isinstance(obj, list) and obj and all(isinstance(v, Mapping) for v in obj):
-            records(obj, key)
-        elif isinstance(obj, list):
-            rows.append([key, f"{len(obj)} items"])
-        elif isinstance(obj, float):
-            rows.append([key, f"{obj:.4g}"])
-        elif obj is not None:
-            rows.append([key, str(obj)])
-
-    walk(qa, "")
+    if blocks:
+        rows.append([QA_BLOCKS, f"{len(blocks)} records"])
+        for name in sorted(QA_BLOCK_VALUES):
+            if name in (QA_BLOCK_BEFORE, QA_BLOCK_AFTER):
+                rows.append([f"{QA_BLOCKS}[].{name} |d|", _stats_text(_magnitudes(blocks, name))])
+            else:
+                values = [float(b[name]) for b in blocks if _is_num(b.get(name))]
+                rows.append([f"{QA_BLOCKS}[].{name}", _stats_text(values)])
+        mags = _magnitudes(blocks, QA_BLOCK_AFTER)
+        if mags:
+            residual = {**_stats(mags), "field": QA_BLOCK_AFTER}
     return {"rows": rows[:limit], "residual_px": residual}
 
 
@@ -283,6 +272,8 @@ def read_qa(qa_path: Path) -> dict[str, Any]:
         qa = json.loads(qa_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"{qa_path}: not valid JSON ({exc}); rerun the 'align' stage") from exc
+    if not isinstance(qa, Mapping):
+        raise CorruptFileError(f"{qa_path}: not a JSON object as the align stage writes; rerun the 'align' stage")
     return summarize_qa(qa)
 
 
