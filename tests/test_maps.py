@@ -9,6 +9,7 @@ import geopandas as gpd
 import pytest
 from maps_report_data import (
     CRS,
+    FLAG_IDS,
     MONTH,
     N_ALERTS_MONTH,
     N_CASES_MONTH,
@@ -110,7 +111,7 @@ def test_page_is_self_contained(full_map: str) -> None:
 
 def test_flag_popup_is_bilingual_with_case_history_and_chips(full_map: str) -> None:
     flags = {f["properties"]["flag_id"]: f["properties"] for f in _layer(maps.embedded_geojson(full_map), "本月图斑")}
-    popup = flags["F-0301"]["popup"]
+    popup = flags[FLAG_IDS["F-0301"]]["popup"]
     assert "C-001" in popup and "亩" in popup and "m²" in popup
     assert popup.index("面积") < popup.index("Area")  # Chinese first
     assert "预警 warning" in popup  # state as of March, not the final 'closed'
@@ -118,8 +119,8 @@ def test_flag_popup_is_bilingual_with_case_history_and_chips(full_map: str) -> N
     assert popup.count("data:image/jpeg;base64,") == 2  # before and after chips
     assert "事件记录" in popup and "flagged" in popup
     assert "0.180" in popup  # 120 m² in 亩
-    assert flags["F-0304"]["case_id"] == "C-005"  # matched by the event's evidence
-    assert flags["F-0305"]["case_id"] == "C-004"
+    assert flags[FLAG_IDS["F-0304"]]["case_id"] == "C-005"  # matched by the event's evidence
+    assert flags[FLAG_IDS["F-0305"]]["case_id"] == "C-004"
 
 
 def test_case_and_alert_popups(full_map: str) -> None:
@@ -150,7 +151,7 @@ def test_minimal_map_without_layers_or_imagery(inputs: dict[str, Path], tmp_path
     layers = maps.embedded_geojson(html)
     assert sorted(n.split(" ")[1] for n in layers) == ["Alerts", "Cases", "Flags"]
     flags = _layer(layers, "本月图斑")
-    assert sorted(f["properties"]["flag_id"] for f in flags) == ["F-0302", "F-0305"]  # the two largest
+    assert sorted(f["properties"]["flag_id"] for f in flags) == sorted(FLAG_IDS[f] for f in ("F-0302", "F-0305"))
     assert "data:image" not in flags[0]["properties"]["popup"]
     assert external_urls(html) == [] and "image_overlay_" not in html
 
@@ -204,10 +205,10 @@ def test_leaflet_assets_come_from_the_package() -> None:
 
 
 def test_state_as_of_follows_the_log_order(inputs: dict[str, Path]) -> None:
-    view = load_month_view("2026-02", inputs["ledger"], inputs["flags"])
+    view = load_month_view("2026-02", inputs["ledger"], inputs["flags_feb"])
     states = dict(zip(view.cases["case_id"], view.cases["state_at"], strict=True))
     assert states == {"C-005": "ordered", "C-006": "demolished", "C-008": "stopped"}  # seed events share a date
-    assert list(view.flags["flag_id"]) == ["F-0201"] and len(view.alerts) == 1
+    assert list(view.flags["flag_id"]) == [FLAG_IDS["F-0201"]] and len(view.alerts) == 1
 
 
 def test_a_broken_outline_layer_names_its_fix_not_the_demo(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from maps_report_data import CRS, FLAGS, MONTH, rect, write_inputs
 
 from pipeline.config import ReportSettings
 from pipeline.coregister import BlockShift, qa_report
-from pipeline.errors import CorruptFileError, MissingInputError
+from pipeline.errors import CorruptFileError, InputError, MissingInputError
 from pipeline.formats import (
     MU_M2,
     QA_BLOCK_AFTER,
@@ -241,13 +241,15 @@ def test_summarize_qa_reads_every_key_of_a_real_align(tmp_path: Path) -> None:
     assert out["residual_px"]["max"] == pytest.approx(max(math.hypot(*s) for s in measured), abs=1e-3)
 
 
-def test_ledger_without_first_month_or_alerts(built: dict[str, Any], tmp_path: Path) -> None:
+def test_a_ledger_the_ledger_stage_did_not_write_is_refused(built: dict[str, Any], tmp_path: Path) -> None:
+    """The view reads the ledger as the store writes it and back-fills nothing: a hand-made one is refused."""
     p = built["paths"]
     ledger = tmp_path / "ledger.gpkg"
     cases = gpd.read_file(p["ledger"], layer="cases").drop(columns=["first_month"])
     cases.to_file(ledger, layer="cases", driver="GPKG")
-    gpd.read_file(p["ledger"], layer="events").drop(columns=["month"]).to_file(ledger, layer="events", driver="GPKG")
-    report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
-    m = json.loads((tmp_path / f"{MONTH}.json").read_text(encoding="utf-8"))
-    assert m["new_cases"]["count"] == 3 and m["cases_total"] == 7  # first months derived from the events
-    assert m["alerts"] == {"count": 0, "by_kind": {}, "items": []}
+    gpd.read_file(p["ledger"], layer="events").to_file(ledger, layer="events", driver="GPKG")
+    with pytest.raises(InputError, match=r"layer 'cases' lacks columns \['first_month'\].*run the 'ledger' stage"):
+        report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
+    gpd.read_file(p["ledger"], layer="cases").to_file(ledger, layer="cases", driver="GPKG")
+    with pytest.raises(CorruptFileError, match=r"layer 'alerts' is missing .*run the 'ledger' stage"):
+        report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())

@@ -13,23 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
-import numpy as np
 import pandas as pd
-import pyogrio
 
 from pipeline.config import check_month
 from pipeline.errors import CorruptFileError, CRSMismatchError, LedgerError
 from pipeline.fileio import read_layer
-from pipeline.formats import MU_M2
+from pipeline.ledger.alerts import ALERT_COLUMNS
+from pipeline.ledger.builder import CASE_COLUMNS
+from pipeline.ledger.events import EVENT_COLUMNS
 from pipeline.ledger.lifecycle import fold_kinds
-from pipeline.ledger.store import LEDGER_FIX
+from pipeline.ledger.store import FLAG_COLUMNS, LEDGER_FIX
 
 log = logging.getLogger(__name__)
-
-_FLAG_COLUMNS = ("flag_id", "kind", "area_m2")
-_CASE_COLUMNS = ("case_id", "state")
-_EVENT_COLUMNS = ("case_id", "at", "kind", "evidence")
-_ALERT_COLUMNS = ("case_id", "kind")
 
 
 @dataclass(frozen=True)
@@ -50,13 +45,6 @@ class MonthView:
     cases: gpd.GeoDataFrame
     events: gpd.GeoDataFrame
     alerts: gpd.GeoDataFrame
-
-
-def _month_of(frame: pd.DataFrame, date_column: str) -> pd.Series:
-    """The ``month`` column when present, else the first 7 characters of ``date_column``."""
-    if "month" in frame.columns:
-        return frame["month"].astype(str)
-    return frame[date_column].astype(str).str.slice(0, 7)
 
 
 def state_as_of(cases: pd.DataFrame, events: pd.DataFrame) -> pd.Series:
@@ -120,36 +108,20 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
         "flags",
         what=f"flags of {month}",
         fix=f"run the 'vectorize' stage (`scarwatch vectorize --month {month}`)",
-        columns=_FLAG_COLUMNS,
+        columns=FLAG_COLUMNS,
     )
     ledger = Path(ledger_path)
-    cases = read_layer(ledger, "cases", what="the ledger", fix=LEDGER_FIX, columns=_CASE_COLUMNS)
-    events = read_layer(ledger, "events", what="the ledger", fix=LEDGER_FIX, columns=_EVENT_COLUMNS)
-    if "alerts" in pyogrio.list_layers(ledger)[:, 0]:
-        alerts = read_layer(ledger, "alerts", what="the ledger", fix=LEDGER_FIX, columns=_ALERT_COLUMNS)
-    else:
-        log.info("%s has no layer 'alerts'; treating it as empty", str(ledger))
-        alerts = gpd.GeoDataFrame({c: [] for c in _ALERT_COLUMNS}, geometry=gpd.GeoSeries([]))
+    cases = read_layer(ledger, "cases", what="the ledger", fix=LEDGER_FIX, columns=CASE_COLUMNS)
+    events = read_layer(ledger, "events", what="the ledger", fix=LEDGER_FIX, columns=EVENT_COLUMNS)
+    alerts = read_layer(ledger, "alerts", what="the ledger", fix=LEDGER_FIX, columns=ALERT_COLUMNS)
     if not flags.crs.equals(cases.crs):
         raise CRSMismatchError(
             f"{flags_path} is in {flags.crs.to_string()!r} but {ledger_path} in {cases.crs.to_string()!r}; "
             "rebuild the ledger from these flags so both share the grid CRS"
         )
-    if "month" in flags.columns:
-        flags = flags[flags["month"].astype(str) == month]
-    for col, default in (("district", ""), ("street", ""), ("p_mean", np.nan), ("p_max", np.nan)):
-        if col not in flags.columns:
-            flags[col] = default
-    if "area_mu" not in flags.columns:
-        flags["area_mu"] = flags["area_m2"] / MU_M2
-
-    events = events.assign(month=_month_of(events, "at"), at=events["at"].astype(str))
-    if "first_month" not in cases.columns:  # derive it from the whole log, before the cut
-        first = events.groupby("case_id")["month"].min()
-        opened = cases["opened_at"].astype(str).str.slice(0, 7) if "opened_at" in cases else ""
-        cases = cases.assign(first_month=cases["case_id"].map(first).fillna(opened))
-    order = [c for c in ("seq",) if c in events.columns] or [c for c in ("at", "event_id") if c in events.columns]
-    events = events[events["month"] <= month].sort_values(order, kind="stable")  # `seq` is the log order
+    flags = flags[flags["month"].astype(str) == month]
+    events = events.assign(month=events["month"].astype(str), at=events["at"].astype(str))
+    events = events[events["month"] <= month].sort_values("seq", kind="stable")  # `seq` is the log order
     cases = cases[cases["first_month"].astype(str) <= month]
     flags = flags.assign(case_id=flag_cases(flags, events))
     try:
@@ -158,20 +130,9 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
         raise CorruptFileError(
             f"{ledger_path}: layer 'events' does not fold through the lifecycle as of {month} ({exc}); {LEDGER_FIX}"
         ) from exc
-    for col in ("district", "street", "category", "opened_at", "deadline"):
-        if col not in cases.columns:
-            cases[col] = ""
-    if "area_m2" not in cases.columns:
-        cases["area_m2"] = cases.geometry.area
-    if len(alerts):
-        alerts = alerts.set_crs(cases.crs, allow_override=False) if alerts.crs is None else alerts
-        if not alerts.crs.equals(cases.crs):
-            raise CRSMismatchError(f"{ledger_path}: layer 'alerts' CRS differs from 'cases'; rebuild the ledger")
-        if "month" in alerts.columns:
-            alerts = alerts[alerts["month"].astype(str) == month]
-    for col in ("message_zh", "message_en"):
-        if col not in alerts.columns:
-            alerts[col] = ""
+    if not alerts.crs.equals(cases.crs):
+        raise CRSMismatchError(f"{ledger_path}: layer 'alerts' CRS differs from 'cases'; {LEDGER_FIX}")
+    alerts = alerts[alerts["month"].astype(str) == month]
     return MonthView(
         month,
         flags.reset_index(drop=True),
