@@ -120,6 +120,9 @@ def test_qa_and_accuracy(built: dict[str, Any]) -> None:
     assert (acc["new"]["tp"], acc["new"]["fp"], acc["new"]["fn"]) == (2, 2, 1)
     assert acc["new"]["precision"] == pytest.approx(0.5) and acc["new"]["recall"] == pytest.approx(2 / 3, abs=1e-3)
     assert (acc["removed"]["tp"], acc["removed"]["fp"], acc["removed"]["fn"]) == (1, 0, 0)
+    for scores in (acc, m["accuracy_centroid"]):  # "all" is the sum of the kinds
+        for count in ("tp", "fp", "fn"):
+            assert scores["all"][count] == scores["new"][count] + scores["removed"][count]
     hit = m["accuracy_centroid"]  # the centroid-hit variant of the same check
     assert set(hit) == {"new", "removed", "all"} and hit["removed"]["tp"] == 1
     assert hit["all"]["tp"] >= acc["all"]["tp"]
@@ -253,3 +256,14 @@ def test_a_ledger_the_ledger_stage_did_not_write_is_refused(built: dict[str, Any
     gpd.read_file(p["ledger"], layer="cases").to_file(ledger, layer="cases", driver="GPKG")
     with pytest.raises(CorruptFileError, match=r"layer 'alerts' is missing .*run the 'ledger' stage"):
         report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
+
+
+def test_accuracy_never_matches_a_flag_to_a_truth_of_the_other_kind(tmp_path: Path) -> None:
+    """Decision: the report's "all" sums the kinds, as vectorize.flag_scores does; kinds are not pooled."""
+    geom = rect(0, 0, 100.0)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame({"month": [MONTH], "kind": ["removed"]}, geometry=[geom], crs=CRS).to_file(truth, layer="changes")
+    flags = gpd.GeoDataFrame({"month": [MONTH], "kind": ["new"]}, geometry=[geom], crs=CRS)
+    for scores in report.accuracy(MONTH, flags, truth).values():
+        assert (scores["new"]["tp"], scores["new"]["fp"], scores["removed"]["fn"]) == (0, 1, 1)
+        assert (scores["all"]["tp"], scores["all"]["fp"], scores["all"]["fn"]) == (0, 1, 1)

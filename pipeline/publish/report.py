@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import geopandas as gpd
 import pandas as pd
@@ -45,9 +45,6 @@ from pipeline.formats import (
 from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
 from pipeline.ledger.lifecycle import STATES
 from pipeline.ledger.view import MonthView, load_month_view
-
-if TYPE_CHECKING:
-    from pipeline.evaluate import MatchMode
 
 log = logging.getLogger(__name__)
 
@@ -280,38 +277,32 @@ def read_qa(qa_path: Path) -> dict[str, Any]:
 def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Object precision/recall of the month's flags against the demo truth, per kind and all.
 
+    The scores are :func:`pipeline.vectorize.flag_scores`, the ones the pipeline's tests and the flag
+    check use. Decision: ``all`` is the sum of the per-kind counts, so a ``new`` flag never matches a
+    ``removed`` truth (or the other way round); kinds are never pooled before matching.
+
     Args:
         month: ``YYYY-MM``.
-        flags: the month's flags (grid CRS).
+        flags: the month's flags (grid CRS, with ``month`` and ``kind``).
         truth_path: the demo's truth GeoPackage (layer ``changes``).
 
     Returns:
-        ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}``: one-to-one matches at
-        IoU >= 0.5, and flags that cover the true object's centroid.
+        ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}`` (floats to 4 decimals):
+        one-to-one matches at IoU >= 0.5, and flags that cover the true object's centroid.
     """
-    from pipeline.evaluate import object_scores
+    from pipeline.vectorize import flag_scores
 
     truth = read_layer(
         Path(truth_path), "changes", what="the demo truth", fix="run the 'demo' stage", columns=("month", "kind")
     )
-    truth = truth[truth["month"].astype(str) == month]
-    if len(truth) and not truth.crs.equals(flags.crs):
-        log.warning(
-            "reprojecting the truth %s from %s to the flags' CRS %s",
-            str(truth_path),
-            truth.crs.to_string(),
-            flags.crs.to_string(),
-        )
-        truth = truth.to_crs(flags.crs)
-    modes: tuple[MatchMode, ...] = ("iou", "centroid")
-    out: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in modes}
-    for kind in ("new", "removed", "all"):
-        pred = flags if kind == "all" else flags[flags["kind"] == kind]
-        true = truth if kind == "all" else truth[truth["kind"] == kind]
-        for mode in modes:
-            scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode=mode)
-            out[mode][kind] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.as_dict().items()}
-    return out
+    scores = flag_scores(flags, truth, month)
+    return {
+        mode: {
+            kind: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores[kind][key].items()}
+            for kind in ("new", "removed", "all")
+        }
+        for mode, key in (("iou", "iou50"), ("centroid", "centroid"))
+    }
 
 
 def compute_figures(view: MonthView) -> dict[str, Any]:
