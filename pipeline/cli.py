@@ -223,7 +223,7 @@ def ledger(settings: Settings) -> str:
 @stage
 def map_(settings: Settings, month: str) -> str:
     """Build the month's offline inspector map (HTML)."""
-    from pipeline.maps import build_map
+    from pipeline.publish.maps import build_map
 
     settings.pair(month)
     out = build_map(
@@ -243,7 +243,7 @@ def map_(settings: Settings, month: str) -> str:
 @stage
 def report(settings: Settings, month: str) -> str:
     """Write the month's incremental-construction report (Chinese first, English too) and metrics."""
-    from pipeline.report import build_report
+    from pipeline.publish.report import build_report
 
     settings.pair(month)
     qa = settings.pair_dir(month) / "qa.json"

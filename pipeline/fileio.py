@@ -1,21 +1,25 @@
-"""File I/O every stage shares: atomic replacement of outputs and the bounded GDAL environment.
+"""Files between stages: atomic outputs, the bounded GDAL environment, the one checked layer reader.
 
-A stage writes into a temporary sibling, then swaps it in: a failed stage therefore never leaves a
-half-written output, and the previous output stays readable until the new one is complete. Stages that
-read rasters run inside :func:`gdal_env`, which bounds GDAL's block cache, and walk them with
-:func:`block_windows`.
+A stage writes into a temporary sibling, then swaps it in (:func:`atomic_path`, :func:`replace_dir`): a
+failed stage never leaves a half-written output, and the previous output stays readable until the new one
+is complete. Stages that read rasters run inside :func:`gdal_env`, which bounds GDAL's block cache, and
+walk them with :func:`block_windows`. :func:`read_layer` reads one GeoPackage layer and turns every
+failure into one error that names the file, the layer and the fix.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import CorruptFileError, CRSError, InputError, MissingInputError
+
 if TYPE_CHECKING:
+    import geopandas as gpd
     import rasterio
     from rasterio.windows import Window
 
@@ -75,3 +79,63 @@ def block_windows(width: int, height: int, size: int) -> Iterator[Window]:
     for row in range(0, height, size):
         for col in range(0, width, size):
             yield Window(col, row, min(size, width - col), min(size, height - row))
+
+
+def read_layer(
+    path: Path,
+    layer: str | None = None,
+    *,
+    what: str,
+    fix: str,
+    columns: Sequence[str] = (),
+) -> gpd.GeoDataFrame:
+    """Read one layer of a GeoPackage, checked: the one reader of the vector layers the stages exchange.
+
+    Every failure is one error whose message names the file, the layer and the fix, in the form
+    ``<path>: <problem>; <fix> (<what>[, layer <layer>])``.
+
+    Args:
+        path: the GeoPackage (or another vector file GDAL reads).
+        layer: the layer to read; None reads the file's first layer (one-layer files such as
+            ``layers/streets.gpkg``, whatever their layer is called).
+        what: what the file holds, for the message (``"the ledger"``, ``"permits"``).
+        fix: what gets a good file, for the message (``"run the 'ledger' stage"``); said after every problem.
+        columns: columns the layer must have.
+
+    Returns:
+        The layer in its stored CRS.
+
+    Raises:
+        MissingInputError: the file does not exist.
+        CorruptFileError: the file or the layer cannot be read, or the layer is not in the file.
+        InputError: the layer lacks one of ``columns``.
+        CRSError: the layer has no CRS.
+    """
+    import geopandas as gpd
+    import pyogrio
+
+    path = Path(path)
+    named = "the first layer" if layer is None else f"layer {layer!r}"
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found; {fix} ({what}, {named})")
+    try:
+        layers = [str(name) for name in pyogrio.list_layers(path)[:, 0]]
+    except Exception as exc:  # noqa: BLE001 - GDAL raises many types for a corrupt file
+        raise CorruptFileError(f"{path}: cannot be read as a GeoPackage ({exc}); {fix} ({what}, {named})") from exc
+    if layer is None and not layers:
+        raise CorruptFileError(f"{path}: holds no layer; {fix} ({what})")
+    name = layers[0] if layer is None else layer
+    if name not in layers:
+        raise CorruptFileError(f"{path}: layer {name!r} is missing (the file has {layers!r}); {fix} ({what})")
+    try:
+        frame = gpd.read_file(path, layer=name, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptFileError(f"{path}: layer {name!r} cannot be read ({exc}); {fix} ({what})") from exc
+    if frame.crs is None:
+        raise CRSError(f"{path}: layer {name!r} has no CRS; {fix} ({what})")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{path}: layer {name!r} lacks columns {missing!r} (it has {list(frame.columns)!r}); {fix} ({what})"
+        )
+    return frame

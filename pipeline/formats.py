@@ -168,3 +168,42 @@ def checkpoint_native_gsd(path: Path) -> float | None:
     """The pixel size (metres) a checkpoint was trained at (``meta["native_gsd_m"]``), or None if unrecorded."""
     value = (read_checkpoint(path).get("meta") or {}).get("native_gsd_m")
     return None if value is None else float(value)
+
+
+# --------------------------------------------------------------------------------------------- qa.json
+# ``<interim>/aligned/<month>/qa.json``: written by the align stage (:func:`pipeline.imagery.align_pair`; the
+# co-registration part and the per-block records by :func:`pipeline.coregister.qa_report`), read by the
+# monthly report (:func:`pipeline.publish.report.summarize_qa`).
+
+QA_FILE = "qa.json"
+"""The file's name in the month's aligned-pair folder."""
+
+QA_KEYS: tuple[str, ...] = (
+    "month",  # the month, YYYY-MM
+    "prev",  # the month it is compared with
+    "max_shift_px",  # align.max_shift_px
+    "shift_applied_px",  # [dx, dy] applied to the previous epoch (pixels)
+    "histogram_matching",  # whether the previous epoch's histograms were matched to the current one's
+    "valid_fraction",  # share of the grid valid in both epochs
+    "res",  # the grid's pixel size (CRS units; the network's native pixel with align.resolution "model")
+    "delivery_res",  # {"prev": m, "curr": m}: each epoch's delivered pixel size
+    "coregister",  # align.coregister
+    "residual_before_median_px",  # median block residual |d| before the shift (null: none measured)
+    "residual_after_median_px",  # and after it
+    "blocks_measured",  # blocks textured enough to measure
+)
+"""The top-level values of qa.json (besides :data:`QA_BLOCKS`), in the order align writes them."""
+
+QA_BLOCKS = "blocks"
+"""The key of the list of per-block records."""
+
+QA_BLOCK_LAYOUT: tuple[str, ...] = ("col_off", "row_off", "width", "height")
+"""Fields of a block record that say where the block is (grid pixels), not how well it aligned."""
+
+QA_BLOCK_BEFORE = "before_px"
+QA_BLOCK_AFTER = "after_px"
+"""Fields of a block record: its residual shift [dx, dy] in pixels before / after co-registration (null
+where it could not be measured). The residual the report shows is :data:`QA_BLOCK_AFTER`."""
+
+QA_BLOCK_VALUES: tuple[str, ...] = ("valid_fraction", "texture", QA_BLOCK_BEFORE, QA_BLOCK_AFTER)
+"""The fields of a block record besides :data:`QA_BLOCK_LAYOUT`."""

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline.errors import CRSError, CRSMismatchError
+from pipeline.errors import CRSError, CRSMismatchError, InputError
+from pipeline.formats import FLAG_KINDS
 
 if TYPE_CHECKING:
+    import geopandas as gpd
     from shapely.geometry.base import BaseGeometry
 
 
@@ -332,3 +334,56 @@ def weighted_f1(scores: dict[str, dict[str, dict[str, Any]]], weights: dict[str,
             total += w * float(np.mean(f1s))
             norm += w
     return total / norm if norm else 0.0
+
+
+def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month: str) -> dict[str, Any]:
+    """Object-level scores of a month's flags against the truth (``changes`` layer of the demo truth).
+
+    Per kind and for both kinds pooled (``all``): one-to-one matches at IoU >= 0.5 (``iou50``) and
+    matches where the flag covers the true object's centroid (``centroid``), via
+    :func:`object_scores`.
+
+    Args:
+        flags_gdf: flags (``month``, ``kind``, geometry), as from :func:`pipeline.vectorize.vectorize_month`.
+        truth_gdf: true changes (``month``, ``kind``, geometry).
+        month: the month to score.
+
+    Returns:
+        ``{kind: {"iou50": Scores.as_dict(), "centroid": Scores.as_dict()}}`` for ``new``, ``removed``, ``all``.
+
+    Raises:
+        InputError: a table lacks ``month`` or ``kind``.
+        CRSError: either table has no CRS.
+    """
+    from pyproj import CRS
+
+    for name, table in (("flags", flags_gdf), ("truth", truth_gdf)):
+        missing = {"month", "kind"} - set(table.columns)
+        if missing:
+            raise InputError(f"{name} table lacks columns {sorted(missing)!r}; pass the flags / 'changes' layer")
+        if table.crs is None and len(table):
+            raise CRSError(f"{name} table has no CRS; set it (set_crs) before scoring")
+    truth = truth_gdf[truth_gdf["month"].astype(str) == month]
+    if (
+        len(truth)
+        and flags_gdf.crs is not None
+        and CRS.from_user_input(truth.crs) != CRS.from_user_input(flags_gdf.crs)
+    ):
+        log.info("reprojecting truth from %s to the flags CRS for scoring", truth.crs)
+        truth = truth.to_crs(flags_gdf.crs)
+    flags = flags_gdf[flags_gdf["month"].astype(str) == month]
+    out: dict[str, Any] = {}
+    totals: dict[str, Any] = {}
+    for kind in FLAG_KINDS:
+        pred = flags.geometry[flags["kind"] == kind]
+        true = truth.geometry[truth["kind"] == kind]
+        out[kind] = {}
+        by_mode = {
+            "iou50": object_scores(pred, true, iou_threshold=0.5, mode="iou"),
+            "centroid": object_scores(pred, true, mode="centroid"),
+        }
+        for key, scores in by_mode.items():
+            out[kind][key] = scores.as_dict()
+            totals[key] = scores if key not in totals else totals[key] + scores
+    out["all"] = {key: s.as_dict() for key, s in totals.items()}
+    return out

@@ -65,6 +65,7 @@ from pipeline.formats import (
     FLAG_FLOAT_COLUMNS,
     FLAG_KINDS,
     FLAGS_LAYER,
+    MU_M2,
     TAG_OBJECT_THRESHOLD,
     TAG_THRESHOLD,
     decode_probabilities,
@@ -75,7 +76,6 @@ from pipeline.formats import (
 log = logging.getLogger(__name__)
 
 DEFAULT_HIGH = 0.6  # seed threshold when neither vectorize.high nor the probability COG says one
-MU_M2 = 10000.0 / 15.0  # one 亩
 _FOOTPRINT = np.ones((3, 3), bool)
 
 
@@ -379,56 +379,3 @@ def vectorize_month(
         settings.min_p_mean or 0.0,
     )
     return flags
-
-
-def flag_scores(flags_gdf: gpd.GeoDataFrame, truth_gdf: gpd.GeoDataFrame, month: str) -> dict[str, Any]:
-    """Object-level scores of a month's flags against the truth (``changes`` layer of the demo truth).
-
-    Per kind and for both kinds pooled (``all``): one-to-one matches at IoU >= 0.5 (``iou50``) and
-    matches where the flag covers the true object's centroid (``centroid``), via
-    :func:`pipeline.metrics.object_scores`.
-
-    Args:
-        flags_gdf: flags (``month``, ``kind``, geometry), as from :func:`vectorize_month`.
-        truth_gdf: true changes (``month``, ``kind``, geometry).
-        month: the month to score.
-
-    Returns:
-        ``{kind: {"iou50": Scores.as_dict(), "centroid": Scores.as_dict()}}`` for ``new``, ``removed``, ``all``.
-
-    Raises:
-        InputError: a table lacks ``month`` or ``kind``.
-        CRSError: either table has no CRS.
-    """
-    from pipeline.metrics import object_scores
-
-    for name, table in (("flags", flags_gdf), ("truth", truth_gdf)):
-        missing = {"month", "kind"} - set(table.columns)
-        if missing:
-            raise InputError(f"{name} table lacks columns {sorted(missing)!r}; pass the flags / 'changes' layer")
-        if table.crs is None and len(table):
-            raise CRSError(f"{name} table has no CRS; set it (set_crs) before scoring")
-    truth = truth_gdf[truth_gdf["month"].astype(str) == month]
-    if (
-        len(truth)
-        and flags_gdf.crs is not None
-        and CRS.from_user_input(truth.crs) != CRS.from_user_input(flags_gdf.crs)
-    ):
-        log.info("reprojecting truth from %s to the flags CRS for scoring", truth.crs)
-        truth = truth.to_crs(flags_gdf.crs)
-    flags = flags_gdf[flags_gdf["month"].astype(str) == month]
-    out: dict[str, Any] = {}
-    totals: dict[str, Any] = {}
-    for kind in FLAG_KINDS:
-        pred = flags.geometry[flags["kind"] == kind]
-        true = truth.geometry[truth["kind"] == kind]
-        out[kind] = {}
-        by_mode = {
-            "iou50": object_scores(pred, true, iou_threshold=0.5, mode="iou"),
-            "centroid": object_scores(pred, true, mode="centroid"),
-        }
-        for key, scores in by_mode.items():
-            out[kind][key] = scores.as_dict()
-            totals[key] = scores if key not in totals else totals[key] + scores
-    out["all"] = {key: s.as_dict() for key, s in totals.items()}
-    return out

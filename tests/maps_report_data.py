@@ -3,6 +3,10 @@
 The story of 2026-03: three new illegal structures (C-001..C-003, 450 m²), one permitted build (C-004,
 300 m², dismissed with a permit), a seed case demolished and seen removed from imagery (C-005), a scar
 repaired and closed (C-006), an expansion after a stop order (C-008). C-007 opens in April.
+
+Written with the pipeline's own writers and ids (vectorize's flag ids and columns, the ledger store's
+``write_ledger``, :meth:`pipeline.ledger.events.Event.create`), so the readers see exactly what the stages
+write; flags are named by a label here (``F-0301``) and :data:`FLAG_IDS` gives their real ids.
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 from affine import Affine
 from shapely.geometry import box
+
+from pipeline.formats import FLAG_COLUMNS, MU_M2, flag_id
+from pipeline.ledger.alerts import ALERT_COLUMNS
+from pipeline.ledger.builder import CASE_COLUMNS
+from pipeline.ledger.events import Event, events_frame
+from pipeline.ledger.lifecycle import fold_kinds
+from pipeline.ledger.store import write_ledger
 
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4860000.0
 MONTH = "2026-03"
-SQM_PER_MU = 10000.0 / 15.0
 
 
 def rect(x: float, y: float, area: float, aspect: float = 1.0) -> Any:
@@ -38,6 +49,14 @@ FLAGS = [  # flag_id, month, kind, area, x, y, district, street
     ("F-0201", "2026-02", "new", 60.0, 900, 900, "南关区", "a2"),
 ]
 N_FLAGS_MONTH = 5
+OTHER_FLAGS = {  # flags of other files the ledger's events name (label: month, kind, polygon)
+    "F-0306": (MONTH, "new", rect(100, 800, 200.0, 2.0)),  # C-008's expansion, beyond the map's flags file
+    "F-0401": ("2026-04", "new", rect(1800, 1800, 90.0)),
+}
+FLAG_IDS = {f[0]: flag_id(f[1], f[2], rect(f[4], f[5], f[3])) for f in FLAGS} | {
+    label: flag_id(*spec) for label, spec in OTHER_FLAGS.items()
+}
+"""Each flag's label in this story -> its id as vectorize makes it (``F<YYYYMM>-<N|R>-<hash>``)."""
 
 CASES = [  # case_id, state (final), category, first_month, district, street, area, geometry, deadline
     ("C-001", "closed", "illegal_construction", MONTH, "南关区", "a1", 120.0, rect(200, 1500, 120.0), ""),
@@ -61,29 +80,32 @@ CASES = [  # case_id, state (final), category, first_month, district, street, ar
 ]
 N_CASES_MONTH = 7
 
-EVENTS = [  # case_id, at, kind, source, actor, evidence
-    ("C-005", "2026-01-10", "flagged", "seed", "system", ""),
-    ("C-006", "2026-01-10", "flagged", "seed", "system", ""),  # seed events share a date: `seq` orders them
-    ("C-006", "2026-01-10", "confirmed", "seed", "system", ""),
-    ("C-006", "2026-01-10", "demolished", "seed", "system", ""),
-    ("C-005", "2026-02-05", "confirmed", "field", "李", ""),
-    ("C-005", "2026-02-10", "ordered", "field", "李", ""),
+EVENTS = [  # case_id, at, kind, source, actor, evidence (flags by their label in FLAGS)
+    ("C-005", "2026-01-10", "flagged", "seed", "seed", "ledger/cases.gpkg:1"),
+    ("C-006", "2026-01-10", "flagged", "seed", "seed", "ledger/cases.gpkg:2"),  # seed events share a date: `seq`
+    ("C-006", "2026-01-10", "confirmed", "seed", "seed", "ledger/cases.gpkg:2"),
+    ("C-006", "2026-01-10", "demolished", "seed", "seed", "ledger/cases.gpkg:2"),
+    ("C-005", "2026-02-05", "confirmed", "field", "李", "field_updates/2026-02.csv:2"),
+    ("C-005", "2026-02-10", "ordered", "field", "李", "field_updates/2026-02.csv:3"),
     ("C-008", "2026-02-15", "flagged", "imagery", "scarwatch", "F-0201"),
-    ("C-008", "2026-02-20", "stopped", "field", "张", ""),
+    ("C-008", "2026-02-18", "confirmed", "field", "张", "field_updates/2026-02.csv:4"),
+    ("C-008", "2026-02-20", "stopped", "field", "张", "field_updates/2026-02.csv:5"),
     ("C-001", "2026-03-31", "flagged", "imagery", "scarwatch", "F-0301"),
     ("C-002", "2026-03-31", "flagged", "imagery", "scarwatch", "F-0302"),
-    ("C-002", "2026-03-31", "confirmed", "field", "张", ""),
+    ("C-002", "2026-03-31", "confirmed", "field", "张", "field_updates/2026-03.csv:2"),
     ("C-003", "2026-03-31", "flagged", "imagery", "scarwatch", "F-0303"),
-    ("C-003", "2026-03-31", "stopped", "field", "张", ""),
+    ("C-003", "2026-03-31", "confirmed", "field", "张", "field_updates/2026-03.csv:3"),
+    ("C-003", "2026-03-31", "stopped", "field", "张", "field_updates/2026-03.csv:4"),
     ("C-004", "2026-03-31", "flagged", "imagery", "scarwatch", "F-0305"),
     ("C-004", "2026-03-31", "dismissed", "permit", "permit", "layers/permits.gpkg:P-2026-007"),
-    ("C-005", "2026-03-15", "demolished", "field", "李", ""),
+    ("C-005", "2026-03-15", "demolished", "field", "李", "field_updates/2026-03.csv:5"),
     ("C-005", "2026-03-31", "observed_removed", "imagery", "scarwatch", "F-0304"),
-    ("C-006", "2026-03-12", "repaired", "field", "王", ""),
-    ("C-006", "2026-03-20", "closed", "field", "王", ""),
-    ("C-008", "2026-03-31", "expanded", "imagery", "scarwatch", ""),
-    ("C-001", "2026-05-10", "confirmed", "field", "张", ""),
-    ("C-001", "2026-05-20", "closed", "field", "张", ""),
+    ("C-006", "2026-03-12", "repaired", "field", "王", "field_updates/2026-03.csv:6"),
+    ("C-006", "2026-03-20", "closed", "field", "王", "field_updates/2026-03.csv:7"),
+    ("C-008", "2026-03-31", "expanded", "imagery", "scarwatch", "F-0306"),
+    ("C-001", "2026-05-10", "confirmed", "field", "张", "field_updates/2026-05.csv:2"),
+    ("C-001", "2026-05-15", "demolished", "field", "张", "field_updates/2026-05.csv:3"),
+    ("C-001", "2026-05-20", "closed", "field", "张", "field_updates/2026-05.csv:4"),
     ("C-007", "2026-04-30", "flagged", "imagery", "scarwatch", "F-0401"),
 ]
 
@@ -95,80 +117,100 @@ ALERTS = [  # case_id, kind, month
 N_ALERTS_MONTH = 2
 
 
+def write_flags(path: Path, month: str, rows: list[tuple[str, Any, str, str]]) -> gpd.GeoDataFrame:
+    """Write a month's flags as vectorize does (its columns, ids and 亩) from (kind, polygon, district, street)."""
+    frame = gpd.GeoDataFrame(
+        {
+            "flag_id": [flag_id(month, kind, geom) for kind, geom, _, _ in rows],
+            "month": [month] * len(rows),
+            "kind": [kind for kind, _, _, _ in rows],
+            "area_m2": [round(geom.area, 2) for _, geom, _, _ in rows],
+            "area_mu": [round(geom.area / MU_M2, 4) for _, geom, _, _ in rows],
+            "p_mean": [0.81] * len(rows),
+            "p_max": [0.97] * len(rows),
+            "lon": [125.0] * len(rows),
+            "lat": [43.9] * len(rows),
+            "district": [d for _, _, d, _ in rows],
+            "street": [s for _, _, _, s in rows],
+        },
+        geometry=gpd.GeoSeries([geom for _, geom, _, _ in rows], crs=CRS),
+        crs=CRS,
+    )[[*FLAG_COLUMNS, "geometry"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_file(path, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+    return frame
+
+
 def _case_geom(case_id: str) -> Any:
     return next(c[7] for c in CASES if c[0] == case_id)
 
 
+def _events() -> list[Event]:
+    out = []
+    for seq, (case_id, at, kind, source, actor, evidence) in enumerate(EVENTS, start=1):
+        case = next(c for c in CASES if c[0] == case_id)
+        out.append(
+            Event.create(
+                seq=seq,
+                case_id=case_id,
+                at=at,
+                kind=kind,
+                source=source,
+                actor=actor,
+                evidence=FLAG_IDS.get(evidence, evidence),
+                month=at[:7],
+                geometry=case[7],
+                deadline=case[8] if kind == "ordered" else "",
+                category=case[2] if kind == "flagged" else "",
+            )
+        )
+    return out
+
+
 def write_inputs(root: Path) -> dict[str, Path]:
-    """Write flags, ledger and layers GeoPackages under ``root``; return their paths."""
-    flags = gpd.GeoDataFrame(
-        {
-            "flag_id": [f[0] for f in FLAGS],
-            "month": [f[1] for f in FLAGS],
-            "kind": [f[2] for f in FLAGS],
-            "area_m2": [f[3] for f in FLAGS],
-            "area_mu": [f[3] / SQM_PER_MU for f in FLAGS],
-            "p_mean": [0.81] * len(FLAGS),
-            "p_max": [0.97] * len(FLAGS),
-            "lon": [125.0] * len(FLAGS),
-            "lat": [43.9] * len(FLAGS),
-            "district": [f[6] for f in FLAGS],
-            "street": [f[7] for f in FLAGS],
-        },
-        geometry=[rect(f[4], f[5], f[3]) for f in FLAGS],
-        crs=CRS,
-    )
-    cases = gpd.GeoDataFrame(
-        {
-            "case_id": [c[0] for c in CASES],
-            "state": [c[1] for c in CASES],
-            "category": [c[2] for c in CASES],
-            "opened_at": [c[3] + "-10" for c in CASES],
-            "last_event_at": ["2026-05-20"] * len(CASES),
-            "deadline": [c[8] for c in CASES],
-            "district": [c[4] for c in CASES],
-            "street": [c[5] for c in CASES],
-            "area_m2": [c[6] for c in CASES],
-            "n_events": [1] * len(CASES),
-            "first_month": [c[3] for c in CASES],
-            "permit_id": ["P-2026-007" if c[0] == "C-004" else "" for c in CASES],
-        },
-        geometry=[c[7] for c in CASES],
-        crs=CRS,
-    )
-    events = gpd.GeoDataFrame(
-        {
-            "event_id": [f"E-{len(EVENTS) - i:04d}" for i in range(len(EVENTS))],  # ids do not sort by time
-            "seq": list(range(len(EVENTS))),
-            "case_id": [e[0] for e in EVENTS],
-            "at": [e[1] for e in EVENTS],
-            "kind": [e[2] for e in EVENTS],
-            "source": [e[3] for e in EVENTS],
-            "actor": [e[4] for e in EVENTS],
-            "evidence": [e[5] for e in EVENTS],
-            "month": [e[1][:7] for e in EVENTS],
-        },
-        geometry=[_case_geom(e[0]) for e in EVENTS],
-        crs=CRS,
-    )
+    """Write flags, ledger and layers GeoPackages under ``root`` with the pipeline's writers; return their paths.
+
+    The flags are written as vectorize writes them (one file per month, its ids); the ledger with
+    :func:`pipeline.ledger.store.write_ledger`, its events made by :meth:`Event.create`, its cases'
+    states the fold of their events.
+    """
+    paths = {
+        "flags": root / "flags" / f"{MONTH}.gpkg",
+        "flags_feb": root / "flags" / "2026-02.gpkg",
+        "ledger": root / "ledger.gpkg",
+        "layers": root / "layers",
+    }
+    for path, month in ((paths["flags"], MONTH), (paths["flags_feb"], "2026-02")):
+        write_flags(path, month, [(f[2], rect(f[4], f[5], f[3]), f[6], f[7]) for f in FLAGS if f[1] == month])
+    events = _events()
+    rows = []
+    for case_id, state, category, first_month, district, street, area, _, deadline in CASES:
+        mine = [e for e in events if e.case_id == case_id]
+        assert fold_kinds(e.kind for e in mine) == state, case_id  # the cases layer holds the fold of the log
+        rows.append(
+            {
+                "case_id": case_id,
+                "state": state,
+                "category": category,
+                "opened_at": mine[0].at,
+                "last_event_at": max(e.at for e in mine),
+                "deadline": deadline,
+                "district": district,
+                "street": street,
+                "area_m2": area,
+                "n_events": len(mine),
+                "first_month": first_month,
+                "permit_id": "P-2026-007" if case_id == "C-004" else "",
+            }
+        )
+    cases = gpd.GeoDataFrame(pd.DataFrame(rows, columns=list(CASE_COLUMNS)), geometry=[c[7] for c in CASES], crs=CRS)
     alerts = gpd.GeoDataFrame(
-        {
-            "case_id": [a[0] for a in ALERTS],
-            "kind": [a[1] for a in ALERTS],
-            "month": [a[2] for a in ALERTS],
-            "message_zh": [a[3] for a in ALERTS],
-            "message_en": [a[4] for a in ALERTS],
-        },
+        pd.DataFrame([dict(zip(ALERT_COLUMNS, a, strict=True)) for a in ALERTS], columns=list(ALERT_COLUMNS)),
         geometry=[_case_geom(a[0]) for a in ALERTS],
         crs=CRS,
     )
-    paths = {"flags": root / "flags" / f"{MONTH}.gpkg", "ledger": root / "ledger.gpkg", "layers": root / "layers"}
-    for p in paths.values():
-        (p if p.suffix == "" else p.parent).mkdir(parents=True, exist_ok=True)
-    flags.to_file(paths["flags"], layer="flags", driver="GPKG")
-    cases.to_file(paths["ledger"], layer="cases", driver="GPKG")
-    events.to_file(paths["ledger"], layer="events", driver="GPKG")
-    alerts.to_file(paths["ledger"], layer="alerts", driver="GPKG")
+    write_ledger(paths["ledger"], events_frame(events, CRS), cases, alerts)
+    paths["layers"].mkdir(parents=True, exist_ok=True)
     gpd.GeoDataFrame(
         {"district": ["南关区", "朝阳区"]},
         geometry=[box(X0, Y0, X0 + 1000, Y0 + 2000), box(X0 + 1000, Y0, X0 + 2000, Y0 + 2000)],

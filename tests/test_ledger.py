@@ -19,6 +19,7 @@ from pipeline.errors import (
     MissingInputError,
     ScarWatchError,
 )
+from pipeline.formats import MU_M2
 from pipeline.ledger import build_ledger, fold_state, read_ledger
 from pipeline.ledger.events import EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, event_id
 from pipeline.ledger.lifecycle import STATES, TRANSITIONS, apply, fold_kinds, next_state, seed_path
@@ -42,7 +43,7 @@ def write_flags(flags_dir: Path, month: str, rows: Sequence[tuple[str, str, Poly
             "month": [month] * len(rows),
             "kind": [k for _, k, _ in rows],
             "area_m2": [g.area for g in geoms],
-            "area_mu": [g.area / 666.67 for g in geoms],
+            "area_mu": [g.area / MU_M2 for g in geoms],
             "p_mean": [0.8] * len(rows),
             "p_max": [0.9] * len(rows),
             "lon": [125.3] * len(rows),
@@ -595,3 +596,45 @@ def test_inspector_may_confirm_a_permit_dismissal(tmp_path: Path) -> None:
     assert kinds_of(events, "SW-202602-0001") == ["flagged", "dismissed", "dismissed"]
     assert events["source"].tolist() == ["imagery", "permit", "field"]
     assert cases["state"].tolist() == ["dismissed"]
+
+
+def test_labels_name_every_state_kind_category_and_alert() -> None:
+    from pipeline.ledger.alerts import ALERT_TEXT
+    from pipeline.ledger.events import CATEGORIES
+    from pipeline.ledger.labels import ALERT_ZH, CATEGORY_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+
+    assert set(STATE_ZH) == set(STATES)
+    assert set(KIND_ZH) == set(EVENT_KINDS)
+    assert set(CATEGORY_ZH) == set(CATEGORIES)
+    assert set(ALERT_ZH) == set(ALERT_TEXT)
+    assert set(FLAG_ZH) == {"new", "removed"}
+
+
+def test_month_view_folds_states_like_the_ledger(tmp_path: Path) -> None:
+    from pipeline.ledger import load_month_view
+
+    months = _scenario(tmp_path)
+    out = run(tmp_path, months)
+    events, cases, _ = read_ledger(out)
+    for month in months:
+        view = load_month_view(month, out, tmp_path / "flags" / f"{month}.gpkg")
+        cut = events[events["month"] <= month]
+        for case_id, state in zip(view.cases["case_id"], view.cases["state_at"], strict=True):
+            assert state == fold_state(cut[cut["case_id"] == case_id])
+    assert dict(zip(view.cases["case_id"], view.cases["state_at"], strict=True)) == dict(
+        zip(cases["case_id"], cases["state"], strict=True)
+    )
+
+
+def test_month_view_refuses_a_log_the_lifecycle_does_not_allow(tmp_path: Path) -> None:
+    from pipeline.errors import CorruptFileError
+    from pipeline.ledger import load_month_view
+    from pipeline.ledger.store import write_ledger
+
+    months = _scenario(tmp_path)
+    out = run(tmp_path, months)
+    events, cases, alerts = read_ledger(out)
+    events.loc[(events["case_id"] == "S-2") & (events["kind"] == "confirmed"), "kind"] = "stopped"
+    write_ledger(out, events, cases, alerts)
+    with pytest.raises(CorruptFileError, match=r"layer 'events' does not fold .*case S-2 .*run the 'ledger' stage"):
+        load_month_view("2026-03", out, tmp_path / "flags" / "2026-03.gpkg")

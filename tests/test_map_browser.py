@@ -9,10 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from maps_report_data import MONTH, N_ALERTS_MONTH, N_CASES_MONTH, N_FLAGS_MONTH, FakePair, fake_open, write_inputs
+from maps_report_data import (
+    FLAG_IDS,
+    MONTH,
+    N_ALERTS_MONTH,
+    N_CASES_MONTH,
+    N_FLAGS_MONTH,
+    FakePair,
+    fake_open,
+    write_inputs,
+)
 
-from pipeline import maps
 from pipeline.config import MapSettings
+from pipeline.publish import maps
 
 pytestmark = pytest.mark.browser
 
@@ -38,7 +47,7 @@ window.addEventListener("load", function () {
   Object.keys(window).filter(function (k) { return k.indexOf("geo_json_") === 0; }).forEach(function (k) {
     if (typeof window[k].eachLayer !== "function") { return; }  // skip the styler/add helpers
     window[k].eachLayer(function (layer) {
-      if (layer.feature && layer.feature.properties.flag_id === "F-0301") {
+      if (layer.feature && layer.feature.properties.flag_id === "FLAG_ID") {
         var center = layer.getBounds().getCenter();
         layer._map.setView(center, 18, {animate: false});
         layer.openPopup(center);
@@ -53,7 +62,7 @@ window.addEventListener("load", function () {
 def with_probe(page: Path, out: Path) -> Path:
     """A copy of ``page`` that opens flag F-0301's popup once the map scripts have run."""
     head, _, _ = page.read_text(encoding="utf-8").rpartition("</html>")
-    out.write_text(head + OPEN_POPUP + "</html>\n", encoding="utf-8")
+    out.write_text(head + OPEN_POPUP.replace("FLAG_ID", FLAG_IDS["F-0301"]) + "</html>\n", encoding="utf-8")
     return out
 
 
@@ -105,7 +114,7 @@ def test_leaflet_draws_every_visible_feature(page: Path, tmp_path: Path) -> None
 def test_popup_opens_with_case_and_chips(page: Path, tmp_path: Path) -> None:
     dom = chromium(with_probe(page, tmp_path / "probe.html"), tmp_path / "profile", "--dump-dom")
     popup = dom[dom.index('<div class="leaflet-popup-content"') :]
-    assert "F-0301" in popup and "C-001" in popup and "亩" in popup
+    assert FLAG_IDS["F-0301"] in popup and "C-001" in popup and "亩" in popup
     assert popup.count("<img") >= 2
 
 

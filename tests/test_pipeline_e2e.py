@@ -77,8 +77,7 @@ def test_repro_runs_every_stage_end_to_end(project: Path, first_run: str):
 
 
 def test_flags_find_the_demo_truth(project: Path, first_run: str):
-    from pipeline.metrics import Scores
-    from pipeline.vectorize import flag_scores
+    from pipeline.metrics import Scores, flag_scores
 
     truth = gpd.read_file(project / "data/demo/truth/truth.gpkg", layer="changes")
     pooled = {"iou50": Scores.from_counts(0, 0, 0), "centroid": Scores.from_counts(0, 0, 0)}

@@ -1,23 +1,49 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import pytest
-from maps_report_data import CRS, FLAGS, MONTH, SQM_PER_MU, rect, write_inputs
+from maps_report_data import CRS, FLAGS, MONTH, rect, write_inputs
 
-from pipeline import report
 from pipeline.config import ReportSettings
-from pipeline.errors import CorruptFileError, MissingInputError
+from pipeline.coregister import BlockShift, qa_report
+from pipeline.errors import CorruptFileError, InputError, MissingInputError
+from pipeline.formats import (
+    MU_M2,
+    QA_BLOCK_AFTER,
+    QA_BLOCK_LAYOUT,
+    QA_BLOCK_VALUES,
+    QA_BLOCKS,
+    QA_FILE,
+    QA_KEYS,
+)
+from pipeline.publish import report
 
-QA = {
-    "method": "phase_correlation",
-    "shift_applied_px": [0.5, -0.25],
-    "blocks": [{"row": 0, "col": 0, "dx": 0.3, "dy": 0.4}, {"row": 0, "col": 1, "dx": 0.0, "dy": 1.0}],
-}
+MONTHS = {"month": MONTH, "prev": "2026-02"}
+
+
+def block(col: int, before: tuple[float, float] | None, texture: float = 0.2) -> BlockShift:
+    return BlockShift(col_off=col, row_off=0, width=128, height=128, valid_fraction=1.0, texture=texture, shift=before)
+
+
+def align_qa(after: list[tuple[float, float] | None], **values: Any) -> dict[str, Any]:
+    """A qa.json exactly as the align stage writes it (its values first, then coregister.qa_report's)."""
+    before = [block(128 * i, (s[0] - 1.0, s[1] + 1.5) if s else None) for i, s in enumerate(after)]
+    shifted = [block(128 * i, s) for i, s in enumerate(after)]
+    top = {"month": MONTH, "prev": "2026-02", "max_shift_px": 8.0, "shift_applied_px": [0.5, -0.25]}
+    top |= {"histogram_matching": True, "valid_fraction": 0.98, "res": 0.5, "delivery_res": {"prev": 0.5, "curr": 0.5}}
+    qa = {**top, **qa_report(before, shifted, coregister=True)}
+    qa.update(values)
+    assert list(qa) == [*QA_KEYS, QA_BLOCKS]
+    return qa
+
+
+QA = align_qa([(0.3, 0.4), (0.0, 1.0)])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +89,7 @@ def test_new_illegal_construction_excludes_permits(built: dict[str, Any]) -> Non
     assert m["month"] == MONTH
     assert m["new_cases"]["count"] == 3
     assert m["new_cases"]["area_m2"] == pytest.approx(450.0)
-    assert m["new_cases"]["area_mu"] == pytest.approx(450.0 / SQM_PER_MU, abs=1e-3)
+    assert m["new_cases"]["area_mu"] == pytest.approx(450.0 / MU_M2, abs=1e-3)
     assert [c["case_id"] for c in m["new_cases"]["cases"]] == ["C-001", "C-002", "C-003"]
     assert [c["state"] for c in m["new_cases"]["cases"]] == ["warning", "confirmed", "stopped"]
     assert m["permitted"] == {"count": 1, "area_m2": 300.0, "area_mu": 0.45, "case_ids": ["C-004"]}
@@ -88,12 +114,15 @@ def test_lifecycle_demolitions_alerts_and_closure(built: dict[str, Any]) -> None
 
 def test_qa_and_accuracy(built: dict[str, Any]) -> None:
     m = built["metrics"]
-    assert m["qa"]["residual_px"] == {"n": 2, "mean": 0.75, "max": 1.0, "field": "dx/dy"}
-    assert ["method", "phase_correlation"] in m["qa"]["rows"]
+    assert m["qa"]["residual_px"] == {"n": 2, "mean": 0.75, "max": 1.0, "field": "after_px"}
+    assert ["prev", "2026-02"] in m["qa"]["rows"] and ["shift_applied_px", "0.5, -0.25"] in m["qa"]["rows"]
     acc = m["accuracy"]
     assert (acc["new"]["tp"], acc["new"]["fp"], acc["new"]["fn"]) == (2, 2, 1)
     assert acc["new"]["precision"] == pytest.approx(0.5) and acc["new"]["recall"] == pytest.approx(2 / 3, abs=1e-3)
     assert (acc["removed"]["tp"], acc["removed"]["fp"], acc["removed"]["fn"]) == (1, 0, 0)
+    for scores in (acc, m["accuracy_centroid"]):  # "all" is the sum of the kinds
+        for count in ("tp", "fp", "fn"):
+            assert scores["all"][count] == scores["new"][count] + scores["removed"][count]
     hit = m["accuracy_centroid"]  # the centroid-hit variant of the same check
     assert set(hit) == {"new", "removed", "all"} and hit["removed"]["tp"] == 1
     assert hit["all"]["tp"] >= acc["all"]["tp"]
@@ -151,49 +180,92 @@ def test_qa_errors(built: dict[str, Any], tmp_path: Path) -> None:
     ("qa", "expected_rows", "residual"),
     [
         ({}, [], None),
-        ({"rmse_px": 0.25, "note": None}, [["rmse_px", "0.25"]], None),
-        (
-            [{"shift_x": 3, "shift_y": 4}],
-            [["", "1 records"]],
-            {"n": 1, "mean": 5.0, "max": 5.0, "field": "shift_x/shift_y"},
-        ),
-        (
-            {"shift": [1.0, 2.0], "many": [1, 2, 3, 4, 5]},
-            [["shift", "1, 2"], ["many", "n=5, mean=3.000, max=5.000"]],
-            None,
-        ),
         (  # the align stage's layout: per-block [dx, dy] before and after co-registration
-            {
-                "residual_after_median_px": 0.1,
-                "blocks": [
-                    {"col_off": 0, "texture": 0.2, "before_px": [-1.0, 1.8], "after_px": [0.0, -0.1]},
-                    {"col_off": 150, "texture": 0.1, "before_px": [-1.2, 1.6], "after_px": [0.3, 0.4]},
-                ],
-            },
+            align_qa([(0.0, -0.1), (0.3, 0.4)], residual_after_median_px=0.1),
             [
+                ["month", MONTH],
+                ["prev", "2026-02"],
+                ["max_shift_px", "8"],
+                ["shift_applied_px", "0.5, -0.25"],
+                ["histogram_matching", "True"],
+                ["valid_fraction", "0.98"],
+                ["res", "0.5"],
+                ["delivery_res", "prev 0.5, curr 0.5"],
+                ["coregister", "True"],
+                ["residual_before_median_px", "1.873"],
                 ["residual_after_median_px", "0.1"],
+                ["blocks_measured", "2"],
                 ["blocks", "2 records"],
                 ["blocks[].after_px |d|", "n=2, mean=0.300, max=0.500"],
-                ["blocks[].before_px |d|", "n=2, mean=2.030, max=2.059"],
-                ["blocks[].texture", "n=2, mean=0.150, max=0.200"],
+                ["blocks[].before_px |d|", "n=2, mean=1.873, max=2.025"],
+                ["blocks[].texture", "n=2, mean=0.200, max=0.200"],
+                ["blocks[].valid_fraction", "n=2, mean=1.000, max=1.000"],
             ],
             {"n": 2, "mean": 0.3, "max": 0.5, "field": "after_px"},
         ),
+        (  # a flat scene: no block measured
+            align_qa([None, None]),
+            None,
+            None,
+        ),
+        (  # only the keys align writes are read
+            {"rmse_px": 0.25, "blocks": [{"dx": 3.0, "dy": 4.0}], "shift_x": 3},
+            [["blocks", "1 records"]],
+            None,
+        ),
     ],
 )
-def test_summarize_qa_reads_any_shape(qa: Any, expected_rows: list[list[str]], residual: Any) -> None:
+def test_summarize_qa_reads_the_keys_align_writes(
+    qa: Any, expected_rows: list[list[str]] | None, residual: Any
+) -> None:
     out = report.summarize_qa(qa)
-    assert out["rows"][: len(expected_rows)] == expected_rows
+    if expected_rows is not None:
+        assert out["rows"][: len(expected_rows)] == expected_rows
     assert out["residual_px"] == residual
 
 
-def test_ledger_without_first_month_or_alerts(built: dict[str, Any], tmp_path: Path) -> None:
+def test_summarize_qa_reads_every_key_of_a_real_align(tmp_path: Path) -> None:
+    from affine import Affine
+    from conftest import textured, write_tif
+
+    from pipeline.config import AlignSettings
+    from pipeline.imagery import align_pair
+
+    transform = Affine(0.5, 0, 500000.0, 0, -0.5, 4862000.0)
+    curr = textured((512, 512), seed=7)
+    write_tif(tmp_path / "curr" / "c.tif", curr, transform=transform)
+    write_tif(tmp_path / "prev" / "p.tif", curr, transform=transform * Affine.translation(2.3, -1.6))
+    align_pair(tmp_path / "prev", tmp_path / "curr", tmp_path / "out", AlignSettings(normalize=False), **MONTHS)
+    qa = json.loads((tmp_path / "out" / QA_FILE).read_text(encoding="utf-8"))
+    assert list(qa) == [*QA_KEYS, QA_BLOCKS]  # formats.py spells what align writes
+    assert {k for b in qa[QA_BLOCKS] for k in b} == {*QA_BLOCK_LAYOUT, *QA_BLOCK_VALUES}
+    out = report.summarize_qa(qa)
+    assert [r[0] for r in out["rows"][: len(QA_KEYS)]] == [k for k in QA_KEYS if qa[k] is not None]
+    measured = [b[QA_BLOCK_AFTER] for b in qa[QA_BLOCKS] if b[QA_BLOCK_AFTER]]
+    assert out["residual_px"]["n"] == len(measured) == qa["blocks_measured"] > 0
+    assert out["residual_px"]["max"] == pytest.approx(max(math.hypot(*s) for s in measured), abs=1e-3)
+
+
+def test_a_ledger_the_ledger_stage_did_not_write_is_refused(built: dict[str, Any], tmp_path: Path) -> None:
+    """The view reads the ledger as the store writes it and back-fills nothing: a hand-made one is refused."""
     p = built["paths"]
     ledger = tmp_path / "ledger.gpkg"
     cases = gpd.read_file(p["ledger"], layer="cases").drop(columns=["first_month"])
     cases.to_file(ledger, layer="cases", driver="GPKG")
-    gpd.read_file(p["ledger"], layer="events").drop(columns=["month"]).to_file(ledger, layer="events", driver="GPKG")
-    report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
-    m = json.loads((tmp_path / f"{MONTH}.json").read_text(encoding="utf-8"))
-    assert m["new_cases"]["count"] == 3 and m["cases_total"] == 7  # first months derived from the events
-    assert m["alerts"] == {"count": 0, "by_kind": {}, "items": []}
+    gpd.read_file(p["ledger"], layer="events").to_file(ledger, layer="events", driver="GPKG")
+    with pytest.raises(InputError, match=r"layer 'cases' lacks columns \['first_month'\].*run the 'ledger' stage"):
+        report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
+    gpd.read_file(p["ledger"], layer="cases").to_file(ledger, layer="cases", driver="GPKG")
+    with pytest.raises(CorruptFileError, match=r"layer 'alerts' is missing .*run the 'ledger' stage"):
+        report.build_report(MONTH, ledger, p["flags"], tmp_path, settings=ReportSettings())
+
+
+def test_accuracy_never_matches_a_flag_to_a_truth_of_the_other_kind(tmp_path: Path) -> None:
+    """Decision: the report's "all" sums the kinds, as metrics.flag_scores does; kinds are not pooled."""
+    geom = rect(0, 0, 100.0)
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame({"month": [MONTH], "kind": ["removed"]}, geometry=[geom], crs=CRS).to_file(truth, layer="changes")
+    flags = gpd.GeoDataFrame({"month": [MONTH], "kind": ["new"]}, geometry=[geom], crs=CRS)
+    for scores in report.accuracy(MONTH, flags, truth).values():
+        assert (scores["new"]["tp"], scores["new"]["fp"], scores["removed"]["fn"]) == (0, 1, 1)
+        assert (scores["all"]["tp"], scores["all"]["fp"], scores["all"]["fn"]) == (0, 1, 1)

@@ -14,8 +14,9 @@ from shapely.geometry import Polygon, box
 
 from pipeline.config import VectorizeSettings
 from pipeline.errors import ConfigError, InputError, MissingInputError
-from pipeline.formats import FLAG_COLUMNS, flag_id
-from pipeline.vectorize import MU_M2, flag_scores, resolve_thresholds, vectorize_month
+from pipeline.formats import FLAG_COLUMNS, MU_M2, flag_id
+from pipeline.metrics import flag_scores
+from pipeline.vectorize import resolve_thresholds, vectorize_month
 
 CRS = "EPSG:4551"
 X0, Y0 = 500000.0, 4862000.0

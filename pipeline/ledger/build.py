@@ -35,7 +35,7 @@ from pyproj import CRS
 from pipeline.config import LedgerSettings, check_month
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
-from pipeline.ledger.builder import _Builder
+from pipeline.ledger.builder import LedgerBuilder
 from pipeline.ledger.lifecycle import STATES, fold_kinds
 from pipeline.ledger.store import (
     check_crs,
@@ -143,7 +143,7 @@ def build_ledger(
     if permits is None:
         permits = gpd.GeoDataFrame({"permit_id": [], "valid_from": [], "valid_to": []}, geometry=[], crs=crs)
 
-    builder = _Builder(settings, areas)
+    builder = LedgerBuilder(settings, areas)
     if seeds is not None:
         builder.seed(seeds, seeds_path)
     for month in sorted(set(months) | set(updates)):

@@ -1,6 +1,6 @@
 """The in-memory ledger builder: cases folded event by event, as :func:`pipeline.ledger.build_ledger` drives it.
 
-:class:`_Builder` appends events (checking each against the lifecycle), opens cases for seed rows,
+:class:`LedgerBuilder` appends events (checking each against the lifecycle), opens cases for seed rows,
 imagery flags and field findings, keeps each case's folded state and footprint, and finally turns the
 log into the ``events``, ``cases`` and ``alerts`` tables. The processing order is described in
 :mod:`pipeline.ledger.build`.
@@ -93,7 +93,7 @@ def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
     return parts[0] if len(parts) == 1 else shapely.union_all(parts)
 
 
-class _Builder:
+class LedgerBuilder:
     """Appends events in processing order and keeps each case's folded view current."""
 
     def __init__(self, settings: LedgerSettings, areas: gpd.GeoDataFrame | None) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
-import pyogrio
 from pyproj import CRS
 
 from pipeline.errors import (
@@ -31,7 +30,7 @@ from pipeline.errors import (
     MissingInputError,
     ScarWatchError,
 )
-from pipeline.fileio import atomic_path
+from pipeline.fileio import atomic_path, read_layer
 from pipeline.ledger.events import EVENT_KINDS, FIELD_KINDS, check_month_name, parse_date
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,12 @@ FLAG_COLUMNS: tuple[str, ...] = (
 )
 SEED_COLUMNS: tuple[str, ...] = ("case_id", "opened_at", "state", "category", "note", "deadline")
 PERMIT_COLUMNS: tuple[str, ...] = ("permit_id", "valid_from", "valid_to")
+
+LEDGER_FIX = "run the 'ledger' stage (`scarwatch ledger` or `dvc repro ledger`)"
+"""What rebuilds the ledger GeoPackage, said in every error about it."""
+SEED_FIX = "fix the seed ledger: a GeoPackage with layer 'cases' and columns " + ", ".join(SEED_COLUMNS)
+PERMIT_FIX = "fix the permits: one polygon layer with columns " + ", ".join(PERMIT_COLUMNS)
+AREAS_FIX = "fix the layer: polygons with 'district' (and 'street' in streets.gpkg)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,22 +85,6 @@ class FieldUpdate:
     def evidence(self) -> str:
         """The ``file:row`` evidence of the event this update becomes."""
         return f"{self.source}:{self.row}"
-
-
-def _read_layer(path: Path, layer: str | None, what: str) -> gpd.GeoDataFrame:
-    """Read one layer of a vector file, turning every failure into a one-line ScarWatch error."""
-    if not path.is_file():
-        raise MissingInputError(f"{path}: {what} not found; create it or fix the path")
-    try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
-    except Exception as exc:  # noqa: BLE001 - GDAL raises many types for a corrupt file
-        raise CorruptFileError(f"{path}: cannot open {what} ({exc}); rewrite the file as a GeoPackage") from exc
-    if layer is not None and layer not in layers:
-        raise CorruptFileError(f"{path}: no layer {layer!r} in {what} (layers: {layers!r}); name the layer {layer!r}")
-    try:
-        return gpd.read_file(path, layer=layer, engine="pyogrio")
-    except Exception as exc:  # noqa: BLE001
-        raise CorruptFileError(f"{path}: cannot read {what} ({exc}); rewrite the file") from exc
 
 
 def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, what: str) -> None:
@@ -134,12 +123,17 @@ def read_flags(path: Path, month: str) -> gpd.GeoDataFrame:
     Raises:
         MissingInputError: the file does not exist.
         CorruptFileError: it cannot be read or has no ``flags`` layer.
-        LedgerError: a column is missing, a kind is unknown or a row belongs to another month.
+        InputError: a column is missing.
+        LedgerError: a kind is unknown or a row belongs to another month.
         CRSError: the layer has no CRS.
     """
-    flags = _read_layer(path, "flags", f"flags of {month}")
-    _require_columns(flags, FLAG_COLUMNS, path, "flags layer")
-    check_crs(flags, path, None)
+    flags = read_layer(
+        path,
+        "flags",
+        what=f"flags of {month}",
+        fix=f"run `scarwatch vectorize --month {month}`",
+        columns=FLAG_COLUMNS,
+    )
     flags = flags.assign(
         flag_id=flags["flag_id"].map(_text), month=flags["month"].map(_text), kind=flags["kind"].map(_text)
     )
@@ -175,8 +169,7 @@ def read_seed_cases(path: Path) -> gpd.GeoDataFrame | None:
     if not path.exists():
         log.info("no seed ledger at %s: starting from an empty ledger", path)
         return None
-    seeds = _read_layer(path, "cases", "seed ledger")
-    _require_columns(seeds, SEED_COLUMNS, path, "seed ledger layer 'cases'")
+    seeds = read_layer(path, "cases", what="the seed ledger", fix=SEED_FIX, columns=SEED_COLUMNS)
     return seeds.reset_index(drop=True)
 
 
@@ -184,13 +177,13 @@ def read_permits(path: Path) -> gpd.GeoDataFrame | None:
     """Read the permits (first layer) with ISO-normalised ``valid_from``/``valid_to``; None when absent.
 
     Raises:
-        LedgerError: a column is missing or a date is not ISO.
+        InputError: a column is missing.
+        LedgerError: a date is not ISO.
     """
     if not path.exists():
         log.info("no permits at %s: no flag is treated as permitted", path)
         return None
-    permits = _read_layer(path, None, "permits")
-    _require_columns(permits, PERMIT_COLUMNS, path, "permits layer")
+    permits = read_layer(path, what="permits", fix=PERMIT_FIX, columns=PERMIT_COLUMNS)
     permits = permits.reset_index(drop=True)
     rows = [
         (
@@ -218,8 +211,7 @@ def read_areas(layers_dir: Path) -> tuple[gpd.GeoDataFrame | None, Path]:
     for name, cols in (("streets.gpkg", ("street", "district")), ("districts.gpkg", ("district",))):
         path = layers_dir / name
         if path.exists():
-            areas = _read_layer(path, None, name)
-            _require_columns(areas, cols, path, f"{name} layer")
+            areas = read_layer(path, what=f"{path.stem} outlines", fix=AREAS_FIX, columns=cols)
             keep = gpd.GeoDataFrame(
                 {
                     "district": areas["district"].map(_text),
@@ -360,7 +352,7 @@ def read_ledger(path: str | Path) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, g
         raise MissingInputError(f"{path}: ledger not found; run `scarwatch ledger` (or `dvc repro ledger`) first")
     frames = []
     for name in LAYERS:
-        frame = _read_layer(path, name, "ledger")
+        frame = read_layer(path, name, what="the ledger", fix=LEDGER_FIX)
         text = [
             c
             for c in frame.columns

@@ -1,8 +1,9 @@
 """The month view of the ledger: the ledger and one month's flags as they stood at the month's end.
 
 :func:`load_month_view` reads the ledger GeoPackage (layers ``events``, ``cases``, ``alerts``) and the
-month's flags, checks their CRS and columns (:func:`read_layer`) and cuts them at the month, folding each
-case's state as of then (:func:`state_as_of`). The inspector map and the monthly report both read it.
+month's flags, checks their CRS and columns (:func:`pipeline.fileio.read_layer`) and cuts them at the
+month, folding each case's state as of then (:func:`state_as_of`). The inspector map and the monthly
+report both read it.
 """
 
 from __future__ import annotations
@@ -12,33 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
-import numpy as np
 import pandas as pd
 
 from pipeline.config import check_month
-from pipeline.errors import CorruptFileError, CRSError, CRSMismatchError, InputError, MissingInputError
+from pipeline.errors import CorruptFileError, CRSMismatchError, LedgerError
+from pipeline.fileio import read_layer
+from pipeline.ledger.alerts import ALERT_COLUMNS
+from pipeline.ledger.builder import CASE_COLUMNS
+from pipeline.ledger.events import EVENT_COLUMNS
+from pipeline.ledger.lifecycle import fold_kinds
+from pipeline.ledger.store import FLAG_COLUMNS, LEDGER_FIX
 
 log = logging.getLogger(__name__)
-
-SQM_PER_MU = 10000.0 / 15.0
-"""Square metres in one 亩 (mu)."""
-
-EVENT_TO_STATE: dict[str, str] = {
-    "flagged": "warning",
-    "confirmed": "confirmed",
-    "dismissed": "dismissed",
-    "stopped": "stopped",
-    "ordered": "ordered",
-    "demolished": "demolished",
-    "repaired": "repaired",
-    "closed": "closed",
-}
-"""Event kinds that move a case to a state; imagery observations leave the state as it is."""
-
-_FLAG_COLUMNS = ("flag_id", "kind", "area_m2")
-_CASE_COLUMNS = ("case_id", "state")
-_EVENT_COLUMNS = ("case_id", "at", "kind")
-_ALERT_COLUMNS = ("case_id", "kind")
 
 
 @dataclass(frozen=True)
@@ -47,9 +33,10 @@ class MonthView:
 
     Attributes:
         month: the month, ``YYYY-MM``.
-        flags: this month's flags (layer ``flags`` rows whose ``month`` is the month).
+        flags: this month's flags (layer ``flags`` rows whose ``month`` is the month), with ``case_id``:
+            the case the ledger attached the flag to, "" when none (see :func:`flag_cases`).
         cases: cases opened by the month, with ``state_at`` (the state as of the month's end).
-        events: events up to and including the month, sorted by ``at``.
+        events: events up to and including the month, in log order (by ``seq``).
         alerts: this month's alerts.
     """
 
@@ -60,71 +47,44 @@ class MonthView:
     alerts: gpd.GeoDataFrame
 
 
-def _layers(path: Path) -> list[str]:
-    import pyogrio
-
-    try:
-        return [str(name) for name in pyogrio.list_layers(path)[:, 0]]
-    except Exception as exc:  # pyogrio raises several DataSourceError flavours
-        raise CorruptFileError(f"{path}: cannot be read as a GeoPackage ({exc}); rebuild it") from exc
-
-
-def read_layer(
-    path: Path, layer: str, columns: tuple[str, ...], *, optional: bool = False, stage: str = "ledger"
-) -> gpd.GeoDataFrame:
-    """Read one layer of a GeoPackage and check its CRS and columns.
-
-    Args:
-        path: the GeoPackage.
-        layer: the layer name.
-        columns: columns that must be present.
-        optional: return an empty frame (no CRS) when the layer is absent instead of raising.
-        stage: the pipeline stage that writes the file, named in error messages.
-
-    Returns:
-        The layer, in its stored CRS.
-
-    Raises:
-        MissingInputError: the file does not exist.
-        InputError: the layer or a required column is missing.
-        CRSError: the layer has no CRS.
-    """
-    if not path.exists():
-        raise MissingInputError(f"{path}: not found; run the {stage!r} stage first")
-    if layer not in _layers(path):
-        if optional:
-            log.info("%s has no layer %r; treating it as empty", str(path), layer)
-            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([]))
-        raise InputError(f"{path}: layer {layer!r} is missing; rebuild the file with the {stage!r} stage")
-    frame = gpd.read_file(path, layer=layer)
-    if frame.crs is None:
-        raise CRSError(f"{path}: layer {layer!r} has no CRS; write it with the grid CRS ({stage!r} stage)")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: layer {layer!r} lacks columns {missing!r}; rebuild it with the {stage!r} stage")
-    return frame
-
-
-def _month_of(frame: pd.DataFrame, date_column: str) -> pd.Series:
-    """The ``month`` column when present, else the first 7 characters of ``date_column``."""
-    if "month" in frame.columns:
-        return frame["month"].astype(str)
-    return frame[date_column].astype(str).str.slice(0, 7)
-
-
 def state_as_of(cases: pd.DataFrame, events: pd.DataFrame) -> pd.Series:
-    """Each case's state after its last state-changing event in ``events`` (else its ledger state).
+    """Each case's state folded from its events in ``events`` through the lifecycle (the ledger's own fold).
 
     Args:
-        cases: cases with ``case_id`` and ``state``.
-        events: events already cut at the month, sorted by ``at``.
+        cases: cases with ``case_id``.
+        events: events already cut at the month, in log order (by ``seq``).
 
     Returns:
         States indexed like ``cases``.
+
+    Raises:
+        IllegalTransitionError: a case's events hold a transition the lifecycle does not allow.
+        ValueError: a case has no event that opens it up to the month.
     """
-    moving = events[events["kind"].isin(list(EVENT_TO_STATE))]
-    last = moving.groupby("case_id")["kind"].last().map(EVENT_TO_STATE)
-    return cases["case_id"].map(last).fillna(cases["state"]).astype(str)
+    kinds = events.groupby("case_id", sort=False)["kind"].agg(list)
+    states = [fold_kinds(kinds.get(case_id, []), case_id=str(case_id)) for case_id in cases["case_id"]]
+    return pd.Series(states, index=cases.index, dtype=object)
+
+
+def flag_cases(flags: pd.DataFrame, events: pd.DataFrame) -> list[str]:
+    """The case the ledger attached each flag to: the one whose event names the flag as its ``evidence``.
+
+    This is the ledger's decision (:mod:`pipeline.ledger.matching`), read back, not a second spatial
+    match: a flag no event names belongs to no case, even where it overlaps one. For dismissed cases
+    this means: the ledger never matches a flag to a dismissed case, so a flag is linked to one only
+    when the flag itself opened the case and the ledger dismissed it at once (a flag inside a valid
+    permit); a flag that merely lies on a dismissed case is linked to none. A ``removed`` flag the
+    ledger recorded on several cases is shown on the last of them in log order.
+
+    Args:
+        flags: flags with ``flag_id``.
+        events: events in log order with ``case_id`` and ``evidence``.
+
+    Returns:
+        One case id per flag, "" for a flag the ledger attached to no case.
+    """
+    by_flag = dict(zip(events["evidence"].astype(str), events["case_id"].astype(str), strict=True))  # last wins
+    return [by_flag.get(str(flag_id), "") for flag_id in flags["flag_id"]]
 
 
 def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthView:
@@ -140,48 +100,39 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
 
     Raises:
         CRSMismatchError: the ledger and the flags are in different CRSs.
+        CorruptFileError: a case's events do not fold through the lifecycle (see :func:`state_as_of`).
     """
     check_month(month)
-    flags = read_layer(Path(flags_path), "flags", _FLAG_COLUMNS, stage="vectorize")
-    cases = read_layer(Path(ledger_path), "cases", _CASE_COLUMNS)
-    events = read_layer(Path(ledger_path), "events", _EVENT_COLUMNS)
-    alerts = read_layer(Path(ledger_path), "alerts", _ALERT_COLUMNS, optional=True)
+    flags = read_layer(
+        Path(flags_path),
+        "flags",
+        what=f"flags of {month}",
+        fix=f"run the 'vectorize' stage (`scarwatch vectorize --month {month}`)",
+        columns=FLAG_COLUMNS,
+    )
+    ledger = Path(ledger_path)
+    cases = read_layer(ledger, "cases", what="the ledger", fix=LEDGER_FIX, columns=CASE_COLUMNS)
+    events = read_layer(ledger, "events", what="the ledger", fix=LEDGER_FIX, columns=EVENT_COLUMNS)
+    alerts = read_layer(ledger, "alerts", what="the ledger", fix=LEDGER_FIX, columns=ALERT_COLUMNS)
     if not flags.crs.equals(cases.crs):
         raise CRSMismatchError(
             f"{flags_path} is in {flags.crs.to_string()!r} but {ledger_path} in {cases.crs.to_string()!r}; "
             "rebuild the ledger from these flags so both share the grid CRS"
         )
-    if "month" in flags.columns:
-        flags = flags[flags["month"].astype(str) == month]
-    for col, default in (("district", ""), ("street", ""), ("p_mean", np.nan), ("p_max", np.nan)):
-        if col not in flags.columns:
-            flags[col] = default
-    if "area_mu" not in flags.columns:
-        flags["area_mu"] = flags["area_m2"] / SQM_PER_MU
-
-    events = events.assign(month=_month_of(events, "at"), at=events["at"].astype(str))
-    if "first_month" not in cases.columns:  # derive it from the whole log, before the cut
-        first = events.groupby("case_id")["month"].min()
-        opened = cases["opened_at"].astype(str).str.slice(0, 7) if "opened_at" in cases else ""
-        cases = cases.assign(first_month=cases["case_id"].map(first).fillna(opened))
-    order = [c for c in ("seq",) if c in events.columns] or [c for c in ("at", "event_id") if c in events.columns]
-    events = events[events["month"] <= month].sort_values(order, kind="stable")  # `seq` is the log order
+    flags = flags[flags["month"].astype(str) == month]
+    events = events.assign(month=events["month"].astype(str), at=events["at"].astype(str))
+    events = events[events["month"] <= month].sort_values("seq", kind="stable")  # `seq` is the log order
     cases = cases[cases["first_month"].astype(str) <= month]
-    cases = cases.assign(state_at=state_as_of(cases, events))
-    for col in ("district", "street", "category", "opened_at", "deadline"):
-        if col not in cases.columns:
-            cases[col] = ""
-    if "area_m2" not in cases.columns:
-        cases["area_m2"] = cases.geometry.area
-    if len(alerts):
-        alerts = alerts.set_crs(cases.crs, allow_override=False) if alerts.crs is None else alerts
-        if not alerts.crs.equals(cases.crs):
-            raise CRSMismatchError(f"{ledger_path}: layer 'alerts' CRS differs from 'cases'; rebuild the ledger")
-        if "month" in alerts.columns:
-            alerts = alerts[alerts["month"].astype(str) == month]
-    for col in ("message_zh", "message_en"):
-        if col not in alerts.columns:
-            alerts[col] = ""
+    flags = flags.assign(case_id=flag_cases(flags, events))
+    try:
+        cases = cases.assign(state_at=state_as_of(cases, events))
+    except (LedgerError, ValueError) as exc:  # the ledger stage writes only legal logs
+        raise CorruptFileError(
+            f"{ledger_path}: layer 'events' does not fold through the lifecycle as of {month} ({exc}); {LEDGER_FIX}"
+        ) from exc
+    if not alerts.crs.equals(cases.crs):
+        raise CRSMismatchError(f"{ledger_path}: layer 'alerts' CRS differs from 'cases'; {LEDGER_FIX}")
+    alerts = alerts[alerts["month"].astype(str) == month]
     return MonthView(
         month,
         flags.reset_index(drop=True),

@@ -88,7 +88,7 @@ def santa_rosa_flags(
 
     Each tile's pre image is the previous epoch and its post image the current one, so destroyed
     buildings should come out as ``removed`` flags; any ``new`` flag is a false alarm. Flags are scored
-    against :func:`santa_rosa_truth` at IoU >= 0.5 and by centroid hit (:func:`pipeline.vectorize.flag_scores`)
+    against :func:`santa_rosa_truth` at IoU >= 0.5 and by centroid hit (:func:`pipeline.metrics.flag_scores`)
     and pooled over tiles by adding counts.
 
     Args:
@@ -108,9 +108,10 @@ def santa_rosa_flags(
     from pipeline.detect import detect_pair
     from pipeline.formats import FLAG_KINDS as KINDS
     from pipeline.imagery import align_pair, model_resolution
+    from pipeline.metrics import flag_scores
     from pipeline.model.data import split_clusters
     from pipeline.tiling import tile_pair
-    from pipeline.vectorize import flag_scores, vectorize_month
+    from pipeline.vectorize import vectorize_month
 
     root = Path(settings.paths.shared) / "xbd-santa-rosa"
     if tile_ids is None:

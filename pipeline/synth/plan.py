@@ -17,13 +17,13 @@ import shapely
 from shapely.geometry import Polygon, box
 
 from pipeline.config import DemoSettings
-from pipeline.synth.render import PAD_PX, _month_look
-from pipeline.synth.scene import Roof, Scene, Structure, _pick, _rect, _rng, build_scene
+from pipeline.synth.render import PAD_PX, month_look
+from pipeline.synth.scene import Roof, Scene, Structure, build_scene, rotated_rect, seeded_rng, weighted_choice
 
 log = logging.getLogger(__name__)
 
 AREA_FULL = 2000.0 * 2000.0  # the reference district that the event rates are given for
-_ILLEGAL_PREF = {"village": 3.0, "soil": 3.0, "industrial": 2.0, "green": 1.5, "residential": 1.5, "site": 0.5}
+ILLEGAL_PREF = {"village": 3.0, "soil": 3.0, "industrial": 2.0, "green": 1.5, "residential": 1.5, "site": 0.5}
 _PERMIT_PREF = {"soil": 3.0, "site": 2.0, "green": 1.0, "industrial": 1.0}
 # Per-month event rates for a 2 x 2 km district and the minimum count scripted in a given month index.
 _RATES = {"appeared": 3.0, "expanded": 0.6, "demolished": 0.8, "rebuilt": 0.2, "permitted": 0.4, "removed": 0.4}
@@ -64,7 +64,7 @@ def _date(month: str, day: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- planning
-class _Occupancy:
+class Occupancy:
     """What new structures must not overlap: roads, buildings, ground features and earlier structures."""
 
     def __init__(self, scene: Scene, inner: Polygon) -> None:
@@ -82,15 +82,16 @@ class _Occupancy:
             self.by_block.setdefault(bi, []).append(g)
 
     def free(self, geom: Polygon, ignore: str = "") -> bool:
+        """Whether ``geom`` lies inside the town and overlaps nothing (the structure ``ignore`` aside)."""
         if not self.inner.contains(geom) or self.tree.query(geom, predicate="intersects").size:
             return False
         return not any(g.intersects(geom) for k, g in self.dynamic.items() if k != ignore)
 
 
-def _place(
+def place_structure(
     rng: np.random.Generator,
     scene: Scene,
-    occ: _Occupancy,
+    occ: Occupancy,
     area: float,
     pref: dict[str, float],
     *,
@@ -123,7 +124,7 @@ def _place(
         else:
             bx0, by0, bx1, by1 = blk.geom.bounds
             centre = np.array([rng.uniform(bx0, bx1), rng.uniform(by0, by1)])
-        g = _rect(float(centre[0]), float(centre[1]), length, width, angle)
+        g = rotated_rect(float(centre[0]), float(centre[1]), length, width, angle)
         if blk.geom.contains(g) and occ.free(g.buffer(margin)):
             return float(centre[0]), float(centre[1]), length, width, angle
     return None
@@ -146,8 +147,8 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
     size = settings.size_m
     pad = PAD_PX * gsd
     months = tuple(_month_add(settings.first_month, k) for k in range(settings.n_months))
-    scene = build_scene(_rng(seed, 1), (x0 - pad, y0 - pad, x0 + size + pad, y0 + size + pad))
-    occ = _Occupancy(scene, box(x0 + 3, y0 + 3, x0 + size - 3, y0 + size - 3))
+    scene = build_scene(seeded_rng(seed, 1), (x0 - pad, y0 - pad, x0 + size + pad, y0 + size + pad))
+    occ = Occupancy(scene, box(x0 + 3, y0 + 3, x0 + size - 3, y0 + size - 3))
     structures = [
         Structure(f"B{i + 1:05d}", i, "building", True, r, [(0, "roof", g)])
         for i, (g, r, _) in enumerate(scene.buildings)
@@ -167,7 +168,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
         style: str,
         height: tuple[float, float],
     ) -> Structure | None:
-        dims = _place(rng, scene, occ, area, pref, attach=0.5 if category == "illegal" else 0.0)
+        dims = place_structure(rng, scene, occ, area, pref, attach=0.5 if category == "illegal" else 0.0)
         if dims is None:
             log.debug("no free spot for a %r structure in month %d", category, m)
             return None
@@ -181,7 +182,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
             category,
             category != "illegal",
             roof,
-            [(m, "roof", _rect(*dims))],
+            [(m, "roof", rotated_rect(*dims))],
             dims,
             stage_month=m,
         )
@@ -218,10 +219,10 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
         )
 
     def illegal_style(rng: np.random.Generator) -> str:
-        return _pick(rng, {"blue_steel": 6, "light_blue_steel": 2, "white": 1, "grey_concrete": 1})
+        return weighted_choice(rng, {"blue_steel": 6, "light_blue_steel": 2, "white": 1, "grey_concrete": 1})
 
     # month 0: the seed ledger (existing illegal structures and one scar)
-    rng0 = _rng(seed, 3, 0)
+    rng0 = seeded_rng(seed, 3, 0)
     n_seed = max(4, min(8, round(6 * scale) + 1))
     states = ["ordered", "ordered", "stopped", "confirmed"] + ["stopped", "confirmed", "ordered"] * 2
     for k in range(n_seed):
@@ -231,7 +232,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
             0,
             cat,
             float(np.exp(rng0.uniform(math.log(40), math.log(300)))),
-            _ILLEGAL_PREF,
+            ILLEGAL_PREF,
             illegal_style(rng0),
             (2.5, 4.5),
         )
@@ -260,9 +261,9 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
             )
         )
 
-    looks = [_month_look(seed, months[m], m) for m in range(len(months))]
+    looks = [month_look(seed, months[m], m) for m in range(len(months))]
     for m in range(1, len(months)):
-        rng = _rng(seed, 4, m)
+        rng = seeded_rng(seed, 4, m)
         quota = {k: max(int(m in _MINIMA[k]), int(rng.poisson(r * scale))) for k, r in _RATES.items()}
         live = [s for s in structures if s.category in ("illegal", "scar")]
         # demolitions (earliest deadline first), then repairs of earlier demolitions
@@ -289,7 +290,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
         ]:
             cx, cy, length, width, angle = s.dims
             dims = (cx, cy, length * rng.uniform(0.95, 1.25), width * rng.uniform(0.95, 1.1), angle)
-            if not occ.free(_rect(*dims), ignore=s.sid):
+            if not occ.free(rotated_rect(*dims), ignore=s.sid):
                 dims = s.dims
             n = sum(t.category != "building" for t in structures) + 1
             r = Structure(
@@ -298,7 +299,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
                 "illegal",
                 False,
                 Roof(illegal_style(rng), angle, float(rng.uniform(2.5, 4)), 1.0),
-                [(m, "roof", _rect(*dims))],
+                [(m, "roof", rotated_rect(*dims))],
                 dims,
                 stage="rebuilt",
                 stage_month=m,
@@ -345,9 +346,9 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
                     width,
                     angle,
                 )
-                if occ.free(_rect(*dims).buffer(1.5), ignore=s.sid):
+                if occ.free(rotated_rect(*dims).buffer(1.5), ignore=s.sid):
                     s.dims, s.expanded = dims, True
-                    s.states.append((m, "roof", _rect(*dims)))
+                    s.states.append((m, "roof", rotated_rect(*dims)))
                     occ.dynamic[s.sid] = s.states[-1][2].buffer(2.0)
                     change(m, s, "new", "expanded")
                     break
@@ -364,7 +365,7 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
         # new illegal structures, then permitted construction
         for _ in range(quota["appeared"]):
             area = float(np.exp(rng.uniform(math.log(20), math.log(300))))
-            s = new_structure(rng, m, "illegal", area, _ILLEGAL_PREF, illegal_style(rng), (2.5, 4.5))
+            s = new_structure(rng, m, "illegal", area, ILLEGAL_PREF, illegal_style(rng), (2.5, 4.5))
             if s is not None:
                 change(m, s, "new", "appeared")
         for _ in range(quota["permitted"]):
@@ -374,14 +375,14 @@ def plan_demo(settings: DemoSettings) -> DemoPlan:
                 "permitted",
                 float(rng.uniform(300, 1000)),
                 _PERMIT_PREF,
-                _pick(rng, {"grey_concrete": 2, "white": 1}),
+                weighted_choice(rng, {"grey_concrete": 2, "white": 1}),
                 (8, 16),
             )
             if s is None:
                 continue
             pid = f"JZ{months[m][:4]}-{len(permits) + 1:03d}"
             cx, cy, length, width, angle = s.dims
-            area_poly = _rect(cx, cy, length + 2 * rng.uniform(5, 12), width + 2 * rng.uniform(5, 12), angle)
+            area_poly = rotated_rect(cx, cy, length + 2 * rng.uniform(5, 12), width + 2 * rng.uniform(5, 12), angle)
             permits.append(
                 dict(
                     month=m,

@@ -2,7 +2,7 @@
 
 A scene is painted once onto a padded float canvas (:class:`_Canvas`); each month copies it, paints the
 structures that changed, casts shadows and is finished window by window into uint8 sheets with that
-month's imaging conditions (:func:`_month_look`), including its global sub-pixel misregistration.
+month's imaging conditions (:func:`month_look`), including its global sub-pixel misregistration.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from rasterio.features import rasterize
 from scipy import ndimage, sparse
 from shapely.geometry import Polygon
 
-from pipeline.synth.scene import _USES, ROOFS, Roof, Scene, Structure, _rng
+from pipeline.synth.scene import LAND_USES, ROOFS, Roof, Scene, Structure, seeded_rng
 
 PAD_PX = 8  # canvas margin (pixels) that the global misregistration shift samples from
 SUN_AZIMUTH = math.radians(160.0)  # sun in the SSE; shadows fall to the NNW
@@ -84,9 +84,9 @@ def _window(transform: Affine, shape: tuple[int, int], geom: Any) -> tuple[slice
     return slice(r0, r1), slice(c0, c1), transform * Affine.translation(c0, r0)
 
 
-def _month_look(seed: int, month: str, m: int) -> dict[str, Any]:
+def month_look(seed: int, month: str, m: int) -> dict[str, Any]:
     """The month's imaging conditions: season, sun, illumination, misregistration, noise, compression."""
-    rng = _rng(seed, 2, m)
+    rng = seeded_rng(seed, 2, m)
     moy = int(month[5:7])
     doy = (moy - 1) * 30.4 + 15
     elevation = max(90 - LATITUDE + 23.44 * math.sin(2 * math.pi * (doy - 81) / 365) - 3, 32.0)
@@ -122,9 +122,9 @@ class _Canvas:
         return _Canvas(self.img.copy(), self.veg.copy(), self.roof.copy(), self.grain, self.crowns, self.transform)
 
 
-def _render_ground(rng: np.random.Generator, scene: Scene, transform: Affine, shape: tuple[int, int]) -> _Canvas:
+def render_ground(rng: np.random.Generator, scene: Scene, transform: Affine, shape: tuple[int, int]) -> _Canvas:
     """Ground, trees and roads (no buildings) of ``scene`` on a grid."""
-    uses = [(b.geom, _CODE[_USES[b.use]["ground"]]) for b in scene.blocks]
+    uses = [(b.geom, _CODE[LAND_USES[b.use]["ground"]]) for b in scene.blocks]
     shapes = uses + [(g, _CODE[k]) for g, k in scene.features]
     shapes += [(g, _CODE["sidewalk"]) for g in [scene.sidewalks] if not g.is_empty]
     shapes += [(g, _CODE["asphalt"]) for g in scene.roads]
@@ -174,7 +174,7 @@ def _render_ground(rng: np.random.Generator, scene: Scene, transform: Affine, sh
     return _Canvas(img.astype(np.float32), veg, raised, grain, crowns, transform)
 
 
-def _paint_roofs(
+def paint_roofs(
     canvas: _Canvas, items: Sequence[tuple[Polygon, Roof]], win: tuple[slice, slice, Affine] | None = None
 ) -> None:
     """Paint roofs (colour, ribs or gable shading, eave line) into the canvas or a window of it."""
@@ -242,18 +242,18 @@ def _paint_ground(canvas: _Canvas, geom: Polygon, look: str, rng: np.random.Gene
     canvas.roof[rs, cs][mask] = False
 
 
-def _paint_structures(canvas: _Canvas, items: Sequence[Structure], m: int, seed: int) -> None:
+def paint_structures(canvas: _Canvas, items: Sequence[Structure], m: int, seed: int) -> None:
     """Paint the month-``m`` look of each structure: cleared ground first, then roofs on top."""
     looks = [(s, s.at(m)) for s in items]
     for s, cur in looks:
         if cur is not None and cur[0] != "roof":
             month = max(t for t, _, _ in s.states if t <= m)
-            _paint_ground(canvas, cur[1], cur[0], _rng(seed, 11, s.index, month))
+            _paint_ground(canvas, cur[1], cur[0], seeded_rng(seed, 11, s.index, month))
     for s, cur in looks:
         if cur is not None and cur[0] == "roof":
             win = _window(canvas.transform, canvas.roof.shape, cur[1])
             if win is not None:
-                _paint_roofs(canvas, [(cur[1], s.roof)], win)
+                paint_roofs(canvas, [(cur[1], s.roof)], win)
 
 
 def _geojson(geoms: Sequence[Any]) -> list[dict[str, Any]]:
@@ -261,7 +261,7 @@ def _geojson(geoms: Sequence[Any]) -> list[dict[str, Any]]:
     return [json.loads(s) for s in shapely.to_geojson(np.asarray(geoms, dtype=object))]
 
 
-def _shadow_mask(structures: Sequence[Structure], canvas: _Canvas, m: int, k: float) -> np.ndarray:
+def shadow_mask(structures: Sequence[Structure], canvas: _Canvas, m: int, k: float) -> np.ndarray:
     """Shadows of every roof standing in month ``m`` and of the trees (sun at ``SUN_AZIMUTH``, length k × height)."""
     shape = canvas.roof.shape
     standing = [(cur[1], s.roof.height) for s in structures if (cur := s.at(m)) is not None and cur[0] == "roof"]
@@ -282,7 +282,7 @@ def _shadow_mask(structures: Sequence[Structure], canvas: _Canvas, m: int, k: fl
     return mask
 
 
-def _finish(
+def finish_sheet(
     canvas: _Canvas,
     shadow: np.ndarray,
     look: dict[str, Any],
@@ -321,7 +321,8 @@ def _finish(
     return out
 
 
-def _profile(look: dict[str, Any], crs: CRS, transform: Affine, h: int, w: int) -> dict[str, Any]:
+def sheet_profile(look: dict[str, Any], crs: CRS, transform: Affine, h: int, w: int) -> dict[str, Any]:
+    """The GeoTIFF profile of one month's ``h`` x ``w`` sheet (compression from the month's ``look``)."""
     profile: dict[str, Any] = dict(
         driver="GTiff",
         width=w,

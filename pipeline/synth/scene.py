@@ -27,7 +27,7 @@ ROOFS: dict[str, tuple[tuple[float, float, float], str]] = {
 }
 
 # Block land use: ground, trees per 1000 m², building lattice (cell u, v; length; width; fill; heights; roofs).
-_USES: dict[str, dict[str, Any]] = {
+LAND_USES: dict[str, dict[str, Any]] = {
     "residential": dict(
         ground="grass",
         trees=6.0,
@@ -156,7 +156,8 @@ class Structure:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _rng(seed: int, *key: int) -> np.random.Generator:
+def seeded_rng(seed: int, *key: int) -> np.random.Generator:
+    """The random generator of stream ``key`` (e.g. ``(stream, month)``) under ``seed``."""
     return np.random.default_rng([seed, *key])
 
 
@@ -171,11 +172,13 @@ def _rects(cx: Any, cy: Any, length: Any, width: Any, angle: Any) -> np.ndarray:
     return shapely.polygons(np.stack([cx[:, None] + du * ca - dv * sa, cy[:, None] + du * sa + dv * ca], -1))
 
 
-def _rect(cx: float, cy: float, length: float, width: float, angle: float) -> Polygon:
+def rotated_rect(cx: float, cy: float, length: float, width: float, angle: float) -> Polygon:
+    """One rotated rectangle centred on ``(cx, cy)`` (angle in degrees, counter-clockwise from east)."""
     return _rects(cx, cy, length, width, angle)[0]
 
 
-def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+def weighted_choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """One key of ``weights``, drawn with probability proportional to its weight."""
     keys = list(weights)
     p = np.array([weights[k] for k in keys], dtype=float)
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
@@ -265,7 +268,7 @@ def build_scene(
         edges = np.diff(mrr, axis=0)
         e = edges[int(np.argmax(np.hypot(edges[:, 0], edges[:, 1])))]
         angle = (math.degrees(math.atan2(e[1], e[0])) + 45) % 90 - 45
-        blocks.append(Block(g, _pick(rng, _USE_P), round(angle, 3)))
+        blocks.append(Block(g, weighted_choice(rng, _USE_P), round(angle, 3)))
     features: list[tuple[Polygon, str]] = []
     buildings: list[tuple[Polygon, Roof, int]] = []
     for bi, blk in enumerate(blocks):
@@ -275,7 +278,7 @@ def build_scene(
             c = blk.geom.representative_point()
             for kind, n in (("pit", 1), ("net", int(rng.integers(2, 5)))):
                 for _ in range(n):
-                    g = _rect(
+                    g = rotated_rect(
                         c.x + rng.uniform(-40, 40),
                         c.y + rng.uniform(-40, 40),
                         rng.uniform(20, 50),
@@ -309,7 +312,7 @@ def _trees(
             for off in (-w / 2 - 1.5, w / 2 + 1.5):
                 pts.append(a + s[:, None] * d + off * np.array([-d[1], d[0]]))
     for blk in blocks:
-        n = rng.poisson(_USES[blk.use]["trees"] * blk.geom.area / 1000)
+        n = rng.poisson(LAND_USES[blk.use]["trees"] * blk.geom.area / 1000)
         x0, y0, x1, y1 = blk.geom.bounds
         xy = np.c_[rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)]
         pts.append(xy[shapely.contains_xy(blk.geom.buffer(-1.5), xy[:, 0], xy[:, 1])])
@@ -324,7 +327,7 @@ def _trees(
 
 def _layout(rng: np.random.Generator, blk: Block, features: list[tuple[Polygon, str]]) -> list[tuple[Polygon, Roof]]:
     """Buildings of a block on a jittered lattice aligned with the block."""
-    use = _USES[blk.use]
+    use = LAND_USES[blk.use]
     inner = blk.geom.buffer(-3.0)
     if inner.is_empty:
         return []

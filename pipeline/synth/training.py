@@ -11,18 +11,18 @@ from rasterio.features import rasterize
 from rasterio.io import MemoryFile
 from shapely.geometry import box
 
-from pipeline.synth.plan import _ILLEGAL_PREF, _Occupancy, _place
+from pipeline.synth.plan import ILLEGAL_PREF, Occupancy, place_structure
 from pipeline.synth.render import (
     PAD_PX,
-    _finish,
-    _month_look,
-    _paint_roofs,
-    _paint_structures,
-    _profile,
-    _render_ground,
-    _shadow_mask,
+    finish_sheet,
+    month_look,
+    paint_roofs,
+    paint_structures,
+    render_ground,
+    shadow_mask,
+    sheet_profile,
 )
-from pipeline.synth.scene import ROOFS, Roof, Structure, _pick, _rect, build_scene
+from pipeline.synth.scene import ROOFS, Roof, Structure, build_scene, rotated_rect, weighted_choice
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -46,28 +46,33 @@ def training_pair(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray
     structures = [
         Structure(f"B{i}", i, "building", True, r, [(0, "roof", g)]) for i, (g, r, _) in enumerate(scene.buildings)
     ]
-    occ = _Occupancy(scene, box(0, 0, ext, ext))
-    pref = {**_ILLEGAL_PREF, "site": 2.0}
+    occ = Occupancy(scene, box(0, 0, ext, ext))
+    pref = {**ILLEGAL_PREF, "site": 2.0}
     for _ in range(int(rng.integers(1, 5))):
-        dims = _place(rng, scene, occ, float(np.exp(rng.uniform(math.log(15), math.log(400)))), pref)
+        dims = place_structure(rng, scene, occ, float(np.exp(rng.uniform(math.log(15), math.log(400)))), pref)
         if dims is None:
             continue
         roof = Roof(
-            _pick(rng, {k: 1.0 for k in ROOFS}), dims[4], float(rng.uniform(2.5, 8)), float(rng.uniform(0.9, 1.08))
+            weighted_choice(rng, {k: 1.0 for k in ROOFS}),
+            dims[4],
+            float(rng.uniform(2.5, 8)),
+            float(rng.uniform(0.9, 1.08)),
         )
-        s = Structure(f"S{len(structures)}", len(structures), "illegal", False, roof, [(1, "roof", _rect(*dims))], dims)
+        s = Structure(
+            f"S{len(structures)}", len(structures), "illegal", False, roof, [(1, "roof", rotated_rect(*dims))], dims
+        )
         if rng.random() < 0.25:  # already there, then expanded
             cx, cy, length, width, angle = dims
-            small = _rect(
+            small = rotated_rect(
                 cx - length / 4 * math.cos(math.radians(angle)),
                 cy - length / 4 * math.sin(math.radians(angle)),
                 length / 2,
                 width,
                 angle,
             )
-            s.states = [(0, "roof", small), (1, "roof", _rect(*dims))]
+            s.states = [(0, "roof", small), (1, "roof", rotated_rect(*dims))]
         structures.append(s)
-        occ.dynamic[s.sid] = _rect(*dims).buffer(2.0)
+        occ.dynamic[s.sid] = rotated_rect(*dims).buffer(2.0)
     inside = [s for s in structures[: len(scene.buildings)] if box(0, 0, ext, ext).intersects(s.states[0][2])]
     for i in rng.permutation(len(inside))[: int(rng.integers(0, 3))]:
         s = inside[int(i)]
@@ -76,20 +81,20 @@ def training_pair(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray
     grid = Affine(gsd, 0, 0, 0, -gsd, ext)
     padded = grid * Affine.translation(-PAD_PX, -PAD_PX)
     seed = int(rng.integers(2**31))
-    base = _render_ground(rng, scene, padded, full)
-    _paint_roofs(base, [(s.states[0][2], s.roof) for s in structures if s.states[0][0] == 0])
+    base = render_ground(rng, scene, padded, full)
+    paint_roofs(base, [(s.states[0][2], s.roof) for s in structures if s.states[0][0] == 0])
     images = np.empty((2, 3, size, size), np.uint8)
     for t in range(2):
         canvas = base.copy()
-        _paint_structures(canvas, [s for s in structures if s.changed_after_start()], t, seed)
+        paint_structures(canvas, [s for s in structures if s.changed_after_start()], t, seed)
         month = f"2026-{int(rng.integers(1, 13)):02d}"
-        look = _month_look(seed, month, t)
+        look = month_look(seed, month, t)
         look["compress"] = "jpeg" if rng.random() < 0.5 else "none"
-        shadow = _shadow_mask(structures, canvas, t, look["shadow_k"])
-        arr = _finish(canvas, shadow, look, rng, 0, 0, size, size)
+        shadow = shadow_mask(structures, canvas, t, look["shadow_k"])
+        arr = finish_sheet(canvas, shadow, look, rng, 0, 0, size, size)
         if look["compress"] == "jpeg":
             with MemoryFile() as mem:
-                with mem.open(**_profile(look, CRS.from_epsg(4551), grid, size, size)) as dst:
+                with mem.open(**sheet_profile(look, CRS.from_epsg(4551), grid, size, size)) as dst:
                     dst.write(arr)
                 with mem.open() as src:
                     arr = src.read()

@@ -31,14 +31,14 @@ from pipeline.fileio import replace_dir
 from pipeline.synth.plan import DemoPlan, plan_demo
 from pipeline.synth.render import (
     PAD_PX,
-    _finish,
-    _paint_roofs,
-    _paint_structures,
-    _profile,
-    _render_ground,
-    _shadow_mask,
+    finish_sheet,
+    paint_roofs,
+    paint_structures,
+    render_ground,
+    shadow_mask,
+    sheet_profile,
 )
-from pipeline.synth.scene import _rng
+from pipeline.synth.scene import seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _write_layer(
 
 def _admin_layers(out: Path, settings: DemoSettings) -> None:
     """Districts, streets (街道) and the 网格 management grid, covering the area."""
-    rng = _rng(settings.seed, 20)
+    rng = seeded_rng(settings.seed, 20)
     x0, y0 = settings.origin
     s = settings.size_m
     n = int(rng.integers(2, 5))
@@ -200,10 +200,10 @@ def generate_demo(out_dir: Path | str, settings: DemoSettings) -> DemoSummary:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        base = _render_ground(_rng(settings.seed, 10), plan.scene, padded, full)
+        base = render_ground(seeded_rng(settings.seed, 10), plan.scene, padded, full)
         first = [s for s in plan.structures if s.states[0][0] == 0]
-        _paint_structures(base, [s for s in first if s.states[0][1] != "roof"], 0, settings.seed)
-        _paint_roofs(base, [(s.states[0][2], s.roof) for s in first if s.states[0][1] == "roof"])
+        paint_structures(base, [s for s in first if s.states[0][1] != "roof"], 0, settings.seed)
+        paint_roofs(base, [(s.states[0][2], s.roof) for s in first if s.states[0][1] == "roof"])
         rows = np.linspace(0, n, settings.sheets[0] + 1).round().astype(int)
         cols = np.linspace(0, n, settings.sheets[1] + 1).round().astype(int)
         dynamic = [s for s in plan.structures if s.changed_after_start()]
@@ -212,16 +212,16 @@ def generate_demo(out_dir: Path | str, settings: DemoSettings) -> DemoSummary:
             canvas = base
             if m > 0:
                 canvas = base.copy()
-                _paint_structures(canvas, dynamic, m, settings.seed)
-            shadow = _shadow_mask(plan.structures, canvas, m, look["shadow_k"])
+                paint_structures(canvas, dynamic, m, settings.seed)
+            shadow = shadow_mask(plan.structures, canvas, m, look["shadow_k"])
             folder = tmp / "imagery" / month
             folder.mkdir(parents=True)
             for r in range(settings.sheets[0]):
                 for c in range(settings.sheets[1]):
                     r0, c0 = int(rows[r]), int(cols[c])
                     h, w = int(rows[r + 1]) - r0, int(cols[c + 1]) - c0
-                    arr = _finish(canvas, shadow, look, _rng(settings.seed, 5, m, r, c), r0, c0, h, w)
-                    profile = _profile(look, crs, grid * Affine.translation(c0, r0), h, w)
+                    arr = finish_sheet(canvas, shadow, look, seeded_rng(settings.seed, 5, m, r, c), r0, c0, h, w)
+                    profile = sheet_profile(look, crs, grid * Affine.translation(c0, r0), h, w)
                     with rasterio.open(folder / f"sheet_{r}_{c}.tif", "w", **profile) as dst:
                         dst.write(arr)
             log.info(

@@ -9,8 +9,8 @@ state as of the month, the month's alerts, and district/street/grid outlines.
 
 Geometries stay in the grid CRS until the folium boundary, where they are reprojected to EPSG:4326.
 The month's view of the ledger is :func:`pipeline.ledger.view.load_month_view`, the imagery overlay and
-chips are in :mod:`pipeline.mapimagery`, the GeoJSON layers and their vocabulary in :mod:`pipeline.maplayers`;
-their public names are re-exported here (the report imports them from this module).
+chips are in :mod:`pipeline.publish.mapimagery`, the GeoJSON layers, legend and colours in
+:mod:`pipeline.publish.maplayers`, the Chinese names in :mod:`pipeline.ledger.labels`.
 """
 
 from __future__ import annotations
@@ -30,62 +30,17 @@ import pandas as pd
 
 from pipeline.config import MapSettings
 from pipeline.errors import CRSMismatchError, InputError, MissingInputError
-from pipeline.fileio import atomic_path
-from pipeline.ledger.lifecycle import STATES
-from pipeline.ledger.view import (
-    EVENT_TO_STATE,
-    SQM_PER_MU,
-    MonthView,
-    _layers,
-    load_month_view,
-    read_layer,
-    state_as_of,
-)
-from pipeline.mapimagery import Overlay, make_chips, make_overlay
-from pipeline.maplayers import (
+from pipeline.fileio import atomic_path, read_layer
+from pipeline.ledger.view import load_month_view
+from pipeline.publish.mapimagery import Overlay, make_chips, make_overlay
+from pipeline.publish.maplayers import (
     ALERT_COLOR,
-    ALERT_ZH,
-    CATEGORY_ZH,
-    FLAG_COLORS,
-    FLAG_ZH,
-    KIND_ZH,
-    STATE_COLORS,
-    STATE_ZH,
-    _feature_collection,
-    _macro,
-    _text,
     alert_features,
     case_features,
     flag_features,
-    match_flags_to_cases,
+    legend_html,
+    outline_features,
 )
-
-__all__ = [
-    "ALERT_COLOR",
-    "ALERT_ZH",
-    "CATEGORY_ZH",
-    "EVENT_TO_STATE",
-    "FLAG_COLORS",
-    "FLAG_ZH",
-    "KIND_ZH",
-    "SQM_PER_MU",
-    "STATES",
-    "STATE_COLORS",
-    "STATE_ZH",
-    "MonthView",
-    "Overlay",
-    "alert_features",
-    "build_map",
-    "case_features",
-    "embedded_geojson",
-    "flag_features",
-    "load_month_view",
-    "make_chips",
-    "make_overlay",
-    "match_flags_to_cases",
-    "read_layer",
-    "state_as_of",
-]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +72,7 @@ def _leaflet_assets() -> tuple[str, str]:
 
 
 def _own_css() -> str:
-    return resources.files("pipeline").joinpath("assets", "map.css").read_text(encoding="utf-8")
+    return resources.files("pipeline.publish").joinpath("assets", "map.css").read_text(encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- imagery
@@ -142,7 +97,8 @@ def _read_outlines(layers_dir: Path, crs: Any) -> dict[str, gpd.GeoDataFrame]:
             log.info("no %s layer at %s; the map leaves it out", name, str(path))
             continue
         columns = (label, "unit") if name == "grid" else (label,)
-        frame = read_layer(path, _layers(path)[0], columns, stage="demo")
+        fix = f"fix or remove it (the map leaves a missing outline out); it needs polygons with {', '.join(columns)}"
+        frame = read_layer(path, what=f"{name} outlines", fix=fix, columns=columns)
         if not frame.crs.equals(crs):
             log.warning("reprojecting %s from %s to the grid CRS %s", str(path), frame.crs.to_string(), crs.to_string())
             frame = frame.to_crs(crs)
@@ -272,9 +228,8 @@ def build_map(
     names = {"districts": "区界 Districts", "streets": "街道 Streets", "grid": "网格 Grid cells"}
     labels = {"districts": "district", "streets": "street", "grid": "cell_id"}
     for key, frame in outlines.items():
-        fc = _feature_collection(frame, [{"name": _text(v)} for v in frame[labels[key]]])
         folium.GeoJson(
-            fc,
+            outline_features(frame, labels[key]),
             name=names[key],
             style_function=_outline_style(*styles[key]),
             show=key != "grid",
@@ -300,17 +255,13 @@ def build_map(
         marker=folium.CircleMarker(radius=9, color=ALERT_COLOR, weight=3, fill=False),
     ).add_to(fmap)
 
-    legend = _macro("legend")(
-        f"ScarWatch {month}",
-        [(s, STATE_ZH[s], STATE_COLORS[s]) for s in STATES],
-        [(k, FLAG_ZH[k], FLAG_COLORS[k]) for k in ("new", "removed")],
-    )
+    legend = legend_html(f"ScarWatch {month}")
     header = (
         f'<div class="sw-header">{month} 违法建设变化图斑 Change flags: '
         f"{int((flags['kind'] == 'new').sum())} 新增 new, {int((flags['kind'] == 'removed').sum())} 消失 removed</div>"
     )
     root: Any = fmap.get_root()
-    root.html.add_child(_raw(str(legend) + header), name="scarwatch_legend")
+    root.html.add_child(_raw(legend + header), name="scarwatch_legend")
     folium.LayerControl(collapsed=False).add_to(fmap)
 
     out_html = Path(out_html)

@@ -1,7 +1,7 @@
 """The monthly incremental-construction report (新增违法建设月报): HTML, Markdown and metrics JSON.
 
 Figures are computed once (:func:`compute_figures`) from the month's view of the ledger and flags (see
-:func:`pipeline.maps.load_month_view`) and rendered twice by the templates ``report.html.j2`` and
+:func:`pipeline.ledger.view.load_month_view`) and rendered twice by the templates ``report.html.j2`` and
 ``report.md.j2``, one section per language in ``report.languages`` order (Chinese first by default).
 
 Conventions read from the ledger:
@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import geopandas as gpd
 import pandas as pd
@@ -33,21 +33,18 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
-from pipeline.fileio import atomic_path
-from pipeline.maps import (
-    ALERT_ZH,
-    FLAG_ZH,
-    KIND_ZH,
-    SQM_PER_MU,
-    STATE_ZH,
-    STATES,
-    MonthView,
-    load_month_view,
-    read_layer,
+from pipeline.fileio import atomic_path, read_layer
+from pipeline.formats import (
+    MU_M2,
+    QA_BLOCK_AFTER,
+    QA_BLOCK_BEFORE,
+    QA_BLOCK_VALUES,
+    QA_BLOCKS,
+    QA_KEYS,
 )
-
-if TYPE_CHECKING:
-    from pipeline.metrics import MatchMode
+from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+from pipeline.ledger.lifecycle import STATES
+from pipeline.ledger.view import MonthView, load_month_view
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +157,7 @@ LABELS: dict[str, dict[str, str]] = {
 
 def _area(values: pd.Series) -> dict[str, float]:
     m2 = float(values.sum()) if len(values) else 0.0
-    return {"area_m2": round(m2, 1), "area_mu": round(m2 / SQM_PER_MU, 3)}
+    return {"area_m2": round(m2, 1), "area_mu": round(m2 / MU_M2, 3)}
 
 
 def _permitted_cases(view: MonthView) -> set[str]:
@@ -185,22 +182,9 @@ def _row(case: Any) -> dict[str, Any]:
         "district": str(case.district or ""),
         "street": str(case.street or ""),
         "area_m2": round(area, 1),
-        "area_mu": round(area / SQM_PER_MU, 3),
+        "area_mu": round(area / MU_M2, 3),
         "state": str(case.state_at),
     }
-
-
-QA_LAYOUT_KEYS = frozenset({"row", "col", "row_off", "col_off", "width", "height", "x", "y"})
-"""Block-layout fields of qa.json records: where a block is, not how well it aligned; not summarised."""
-QA_RESIDUAL_KEYS: tuple[tuple[str, ...], ...] = (
-    ("after_px",),
-    ("residual_px",),
-    ("residual",),
-    ("dx", "dy"),
-    ("residual_x", "residual_y"),
-    ("shift_x", "shift_y"),
-)
-"""Where a qa.json block record may hold its residual shift, most specific first: a [dx, dy] field or two fields."""
 
 
 def _is_num(value: Any) -> bool:
@@ -223,62 +207,59 @@ def _stats_text(values: list[Any]) -> str:
     return ", ".join(f"{k}={v:g}" if k == "n" else f"{k}={v:.3f}" for k, v in st.items())
 
 
-def _record_vectors(records: list[Mapping[str, Any]], keys: tuple[str, ...]) -> list[float]:
-    """Shift magnitudes from a [dx, dy] field (one key) or from two scalar fields (two keys)."""
-    if len(keys) == 1:
-        return [math.hypot(*map(float, r[keys[0]])) for r in records if _is_pair(r.get(keys[0]))]
-    fx, fy = keys
-    return [math.hypot(float(r[fx]), float(r[fy])) for r in records if _is_num(r.get(fx)) and _is_num(r.get(fy))]
+def _magnitudes(records: list[Mapping[str, Any]], field: str) -> list[float]:
+    """The |[dx, dy]| of ``field`` in every record that holds a measured shift there."""
+    return [math.hypot(*map(float, r[field])) for r in records if _is_pair(r.get(field))]
 
 
-def summarize_qa(qa: Any, limit: int = 40) -> dict[str, Any]:
-    """Flatten a qa.json of unknown shape into rows of (key, value) and residual statistics.
+def _value_text(value: Any) -> str | None:
+    """A top-level qa.json value as the report shows it (None: nothing to show)."""
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(_is_num(v) for v in value):
+        return ", ".join(f"{float(v):.3g}" for v in value) if len(value) <= 4 else _stats_text(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_value_text(v)}" for k, v in value.items())
+    return str(value)
 
-    Numbers and strings are shown as they are; lists of numbers as n/mean/max; lists of records
-    (per-block results) as n/mean/max per numeric field and as shift magnitudes for [dx, dy] fields.
-    The residual is taken from the first of :data:`QA_RESIDUAL_KEYS` that the records hold.
+
+def summarize_qa(qa: Mapping[str, Any], limit: int = 40) -> dict[str, Any]:
+    """Summarise a qa.json as the align stage writes it into rows of (key, value) and the residual shift.
+
+    Reads exactly the keys of :mod:`pipeline.formats` (``QA_*``): the top-level values of
+    :data:`~pipeline.formats.QA_KEYS` in their order (numbers and strings as they are, [dx, dy] as two
+    numbers), then the block records of :data:`~pipeline.formats.QA_BLOCKS`: their count and, per field of
+    :data:`~pipeline.formats.QA_BLOCK_VALUES`, n/mean/max (shift magnitudes for the [dx, dy] fields). The
+    residual is the magnitude of :data:`~pipeline.formats.QA_BLOCK_AFTER` over the measured blocks.
+    Other keys are not read.
 
     Args:
-        qa: the parsed JSON.
+        qa: the parsed qa.json.
         limit: the most rows returned.
 
     Returns:
-        ``{"rows": [[key, text], ...], "residual_px": {"n", "mean", "max"} | None}``.
+        ``{"rows": [[key, text], ...], "residual_px": {"n", "mean", "max", "field"} | None}``.
     """
     rows: list[list[str]] = []
+    for key in QA_KEYS:
+        text = _value_text(qa.get(key))
+        if text is not None:
+            rows.append([key, text])
+    blocks = [b for b in qa.get(QA_BLOCKS) or [] if isinstance(b, Mapping)]
     residual: dict[str, Any] | None = None
-
-    def records(items: list[Mapping[str, Any]], key: str) -> None:
-        nonlocal residual
-        rows.append([key, f"{len(items)} records"])
-        names = sorted({k for r in items for k in r if k not in QA_LAYOUT_KEYS})
-        for name in names:
-            values = [r.get(name) for r in items]
-            if all(_is_num(v) for v in values if v is not None):
-                rows.append([f"{key}[].{name}", _stats_text([float(v) for v in values if v is not None])])
-            elif all(_is_pair(v) for v in values if v is not None):
-                rows.append([f"{key}[].{name} |d|", _stats_text(_record_vectors(items, (name,)))])
-        for keys in QA_RESIDUAL_KEYS:
-            mags = _record_vectors(items, keys)
-            if mags and residual is None:
-                residual = {**_stats(mags), "field": "/".join(keys)}
-
-    def walk(obj: Any, key: str) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(obj, list) and obj and all(_is_num(v) for v in obj):
-            rows.append([key, ", ".join(f"{float(v):.3g}" for v in obj) if len(obj) <= 4 else _stats_text(obj)])
-        elif isinstance(obj, list) and obj and all(isinstance(v, Mapping) for v in obj):
-            records(obj, key)
-        elif isinstance(obj, list):
-            rows.append([key, f"{len(obj)} items"])
-        elif isinstance(obj, float):
-            rows.append([key, f"{obj:.4g}"])
-        elif obj is not None:
-            rows.append([key, str(obj)])
-
-    walk(qa, "")
+    if blocks:
+        rows.append([QA_BLOCKS, f"{len(blocks)} records"])
+        for name in sorted(QA_BLOCK_VALUES):
+            if name in (QA_BLOCK_BEFORE, QA_BLOCK_AFTER):
+                rows.append([f"{QA_BLOCKS}[].{name} |d|", _stats_text(_magnitudes(blocks, name))])
+            else:
+                values = [float(b[name]) for b in blocks if _is_num(b.get(name))]
+                rows.append([f"{QA_BLOCKS}[].{name}", _stats_text(values)])
+        mags = _magnitudes(blocks, QA_BLOCK_AFTER)
+        if mags:
+            residual = {**_stats(mags), "field": QA_BLOCK_AFTER}
     return {"rows": rows[:limit], "residual_px": residual}
 
 
@@ -290,42 +271,40 @@ def read_qa(qa_path: Path) -> dict[str, Any]:
         qa = json.loads(qa_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"{qa_path}: not valid JSON ({exc}); rerun the 'align' stage") from exc
+    if not isinstance(qa, Mapping):
+        raise CorruptFileError(f"{qa_path}: not a JSON object as the align stage writes; rerun the 'align' stage")
     return summarize_qa(qa)
 
 
 def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Object precision/recall of the month's flags against the demo truth, per kind and all.
 
+    The scores are :func:`pipeline.metrics.flag_scores`, the ones the pipeline's tests and the flag
+    check use. Decision: ``all`` is the sum of the per-kind counts, so a ``new`` flag never matches a
+    ``removed`` truth (or the other way round); kinds are never pooled before matching.
+
     Args:
         month: ``YYYY-MM``.
-        flags: the month's flags (grid CRS).
+        flags: the month's flags (grid CRS, with ``month`` and ``kind``).
         truth_path: the demo's truth GeoPackage (layer ``changes``).
 
     Returns:
-        ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}``: one-to-one matches at
-        IoU >= 0.5, and flags that cover the true object's centroid.
+        ``{"iou" | "centroid": {"new" | "removed" | "all": Scores.as_dict()}}`` (floats to 4 decimals):
+        one-to-one matches at IoU >= 0.5, and flags that cover the true object's centroid.
     """
-    from pipeline.metrics import object_scores
+    from pipeline.metrics import flag_scores
 
-    truth = read_layer(Path(truth_path), "changes", ("month", "kind"), stage="demo")
-    truth = truth[truth["month"].astype(str) == month]
-    if len(truth) and not truth.crs.equals(flags.crs):
-        log.warning(
-            "reprojecting the truth %s from %s to the flags' CRS %s",
-            str(truth_path),
-            truth.crs.to_string(),
-            flags.crs.to_string(),
-        )
-        truth = truth.to_crs(flags.crs)
-    modes: tuple[MatchMode, ...] = ("iou", "centroid")
-    out: dict[str, dict[str, dict[str, Any]]] = {mode: {} for mode in modes}
-    for kind in ("new", "removed", "all"):
-        pred = flags if kind == "all" else flags[flags["kind"] == kind]
-        true = truth if kind == "all" else truth[truth["kind"] == kind]
-        for mode in modes:
-            scores = object_scores(pred.geometry, true.geometry, iou_threshold=0.5, mode=mode)
-            out[mode][kind] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.as_dict().items()}
-    return out
+    truth = read_layer(
+        Path(truth_path), "changes", what="the demo truth", fix="run the 'demo' stage", columns=("month", "kind")
+    )
+    scores = flag_scores(flags, truth, month)
+    return {
+        mode: {
+            kind: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores[kind][key].items()}
+            for kind in ("new", "removed", "all")
+        }
+        for mode, key in (("iou", "iou50"), ("centroid", "centroid"))
+    }
 
 
 def compute_figures(view: MonthView) -> dict[str, Any]:
@@ -384,7 +363,7 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
                 "street": str(r["street"]),
                 "count": int(r["n"]),
                 "area_m2": round(float(r["area"]), 1),
-                "area_mu": round(float(r["area"]) / SQM_PER_MU, 3),
+                "area_mu": round(float(r["area"]) / MU_M2, 3),
             }
             for r in by_place.to_dict("records")
         ],
@@ -467,7 +446,7 @@ def trend_chart(view: MonthView) -> str | None:
 @lru_cache(maxsize=2)
 def _env(autoescape: bool) -> Environment:
     env = Environment(
-        loader=PackageLoader("pipeline", "templates"),
+        loader=PackageLoader("pipeline.publish", "templates"),
         autoescape=autoescape,
         undefined=StrictUndefined,
         trim_blocks=True,

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import MapSettings
 from pipeline.errors import InputError
-from pipeline.maplayers import FLAG_COLORS
+from pipeline.publish.maplayers import FLAG_COLORS
 
 log = logging.getLogger(__name__)
 

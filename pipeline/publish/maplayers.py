@@ -1,15 +1,14 @@
-"""The inspector map's GeoJSON layers: flags, cases and alerts with bilingual popups, and their vocabulary.
+"""The inspector map's GeoJSON layers: flags, cases, alerts and outlines with bilingual popups, and their colours.
 
-Each ``*_features`` function turns a :class:`~pipeline.ledger.view.MonthView` into a FeatureCollection in
-EPSG:4326 (the folium boundary) whose features carry a colour and a popup rendered by the macros of
-``templates/map_popup.html.j2``. The Chinese names and colours of states, event kinds, flags and alerts
-live here; the monthly report uses the same names.
+Each ``*_features`` function turns a :class:`~pipeline.ledger.view.MonthView` (or an outline layer) into a
+FeatureCollection in EPSG:4326 (the folium boundary) whose features carry a colour and a popup rendered by
+the macros of ``templates/map_popup.html.j2``; :func:`legend_html` renders the legend. The Chinese names
+come from :mod:`pipeline.ledger.labels` (the report uses the same); the colours are the map's own.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -18,18 +17,11 @@ import geopandas as gpd
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from pipeline.ledger.view import SQM_PER_MU, MonthView
+from pipeline.formats import MU_M2
+from pipeline.ledger.labels import ALERT_ZH, CATEGORY_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
+from pipeline.ledger.lifecycle import STATES
+from pipeline.ledger.view import MonthView
 
-STATE_ZH: dict[str, str] = {
-    "warning": "预警",
-    "confirmed": "已发现",
-    "stopped": "已制止",
-    "ordered": "处置中",
-    "demolished": "已拆除",
-    "repaired": "已修复",
-    "closed": "已销号",
-    "dismissed": "已排除",
-}
 STATE_COLORS: dict[str, str] = {
     "warning": "#e31a1c",
     "confirmed": "#fd8d3c",
@@ -40,39 +32,17 @@ STATE_COLORS: dict[str, str] = {
     "closed": "#1a9850",
     "dismissed": "#969696",
 }
-KIND_ZH: dict[str, str] = {
-    "flagged": "预警",
-    "confirmed": "确认",
-    "dismissed": "排除",
-    "stopped": "制止",
-    "ordered": "限期处置",
-    "demolished": "拆除",
-    "repaired": "修复",
-    "closed": "销号",
-    "observed_present": "影像可见",
-    "observed_removed": "影像已拆除",
-    "expanded": "扩建",
-    "rebuilt": "反弹重建",
-}
-FLAG_ZH: dict[str, str] = {"new": "新增", "removed": "消失"}
+"""Lifecycle state → the colour of its cases on the map (and in the legend)."""
 FLAG_COLORS: dict[str, str] = {"new": "#d7191c", "removed": "#2c7bb6"}
-CATEGORY_ZH: dict[str, str] = {"illegal_construction": "违法建设", "scar": "城市疮疤"}
-ALERT_ZH: dict[str, str] = {
-    "overdue": "逾期未拆除",
-    "rebuild": "反弹",
-    "expansion_after_stop": "制止后扩建",
-    "unrepaired_scar": "疮疤未修复",
-    "demolition_unverified": "拆除未经影像核实",
-    "removal_unrecorded": "影像已拆除但未登记",
-}
-"""Short Chinese names of the ledger's alert kinds (``pipeline.ledger.ALERT_TEXT`` holds the messages)."""
+"""Flag kind → the colour of its outline on the map and on the chips."""
 ALERT_COLOR = "#ff7f00"
+"""The colour of the alert markers."""
 
 
 @lru_cache(maxsize=1)
 def _templates() -> Environment:
     return Environment(
-        loader=PackageLoader("pipeline", "templates"),
+        loader=PackageLoader("pipeline.publish", "templates"),
         autoescape=select_autoescape(["html", "html.j2"]),
         trim_blocks=False,
     )
@@ -126,32 +96,6 @@ def _grid_units(frame: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None) -> list[
     return labels
 
 
-def match_flags_to_cases(flags: gpd.GeoDataFrame, view: MonthView) -> list[str]:
-    """The case each flag belongs to: named in an event's ``evidence``, else the most overlapped case."""
-    by_evidence: dict[str, str] = {}
-    if "evidence" in view.events.columns:
-        wanted = set(flags["flag_id"].astype(str))
-        for text, case_id in zip(view.events["evidence"].astype(str), view.events["case_id"], strict=True):
-            for token in re.findall(r"[\w.:-]+", text):
-                if token in wanted:
-                    by_evidence[token] = str(case_id)  # events are sorted: the latest wins
-    out = []
-    cases = view.cases
-    sindex = cases.sindex if len(cases) else None
-    for flag_id, geom in zip(flags["flag_id"].astype(str), flags.geometry, strict=True):
-        if flag_id in by_evidence:
-            out.append(by_evidence[flag_id])
-            continue
-        best, best_area = "", 0.0
-        if sindex is not None and geom is not None:
-            for i in sindex.query(geom, predicate="intersects"):
-                area = geom.intersection(cases.geometry.iloc[i]).area
-                if area > best_area:
-                    best, best_area = str(cases["case_id"].iloc[i]), area
-        out.append(best)
-    return out
-
-
 def _feature_collection(frame: gpd.GeoDataFrame, props: list[dict[str, Any]]) -> dict[str, Any]:
     """GeoJSON in EPSG:4326 (the folium boundary) with only the given properties."""
     geo = frame.geometry.to_crs(4326)
@@ -170,8 +114,13 @@ def flag_features(
     chips: Mapping[str, tuple[str, str]],
     prev_label: str = "",
 ) -> dict[str, Any]:
-    """The flags as GeoJSON with a bilingual popup per feature."""
-    case_of = match_flags_to_cases(flags, view)
+    """The flags as GeoJSON with a bilingual popup per feature.
+
+    A flag's case is the one the ledger attached it to (``flags["case_id"]`` from
+    :func:`pipeline.ledger.view.flag_cases`); the map draws no match of its own, so a flag lying on a
+    dismissed case shows that case only when the ledger recorded the flag on it.
+    """
+    case_of = [_text(c) for c in flags["case_id"]]
     states = dict(zip(view.cases["case_id"].astype(str), view.cases["state_at"], strict=True))
     history = _history(view.events)
     units = _grid_units(flags, grid)
@@ -234,7 +183,7 @@ def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, A
                 "category": category,
                 "category_zh": CATEGORY_ZH.get(category, ""),
                 "area_m2": _fmt(row.area_m2, 1),
-                "area_mu": _fmt(float(row.area_m2) / SQM_PER_MU, 3),
+                "area_mu": _fmt(float(row.area_m2) / MU_M2, 3),
                 "district": _text(row.district),
                 "street": _text(row.street),
                 "grid": unit,
@@ -247,6 +196,22 @@ def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, A
             {"case_id": case_id, "state": state, "color": STATE_COLORS.get(state, "#000"), "popup": str(popup)}
         )
     return _feature_collection(view.cases, props)
+
+
+def outline_features(frame: gpd.GeoDataFrame, column: str) -> dict[str, Any]:
+    """An outline layer (districts, streets, grid cells) as GeoJSON, each feature named by ``column``."""
+    return _feature_collection(frame, [{"name": _text(v)} for v in frame[column]])
+
+
+def legend_html(title: str) -> str:
+    """The map's legend: every lifecycle state and both flag kinds with their colours, Chinese first."""
+    return str(
+        _macro("legend")(
+            title,
+            [(s, STATE_ZH[s], STATE_COLORS[s]) for s in STATES],
+            [(k, FLAG_ZH[k], FLAG_COLORS[k]) for k in ("new", "removed")],
+        )
+    )
 
 
 def alert_features(view: MonthView) -> dict[str, Any]:
