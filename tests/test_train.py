@@ -23,8 +23,9 @@ from pipeline.model.data import (
     whu_split,
 )
 from pipeline.model.sampler import TrainingSampler
-from pipeline.model.train import lr_factor, masked_bce_dice, pick_device, seed_everything
+from pipeline.model.train import lr_factor, masked_bce_dice, seed_everything
 from pipeline.nets import create_model
+from pipeline.nets.device import resolve_device
 
 torch.set_num_threads(1)
 
@@ -78,12 +79,12 @@ def test_lr_schedule_warms_up_and_decays() -> None:
     assert lr_factor(0.3, 0.1) > lr_factor(0.6, 0.1) > lr_factor(0.9, 0.1)
 
 
-def test_pick_device() -> None:
-    assert pick_device("cpu").type == "cpu"
+def test_training_resolves_devices_as_everything_else() -> None:
+    assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
-        assert pick_device("auto").type == "cpu"
+        assert resolve_device("auto").type == "cpu"
         with pytest.raises(ModelError, match="CUDA is not available"):
-            pick_device("cuda")
+            resolve_device("cuda")
 
 
 @pytest.mark.parametrize("source", ["santa", "erase", "paste", "nochange"])

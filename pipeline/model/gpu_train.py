@@ -53,13 +53,13 @@ from pipeline.model.train import (
     TrainingData,
     autocast_dtype,
     lr_factor,
-    pick_device,
     seed_everything,
     settings_json,
     train_step,
 )
 from pipeline.nets import create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+from pipeline.nets.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def gpu_train(
         if value is not None:
             overrides[key] = value
     settings = PlainTrainSettings.from_manifest(data.train, **overrides)
-    dev = pick_device(settings.device)
+    dev = resolve_device(settings.device)
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1)
     workers = fit_workers(workers, chunk_bytes(chunk, crop), 2)

@@ -54,6 +54,7 @@ from pipeline.model.sampler import TrainingSampler
 from pipeline.nets import create_model
 from pipeline.nets.blocks import pad_to_multiple
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+from pipeline.nets.device import resolve_device
 
 if TYPE_CHECKING:
     from pipeline.config import TrainSettings
@@ -124,15 +125,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - third-party code may use the legacy global generator
     torch.manual_seed(seed)
-
-
-def pick_device(device: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA raises ModelError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("train.device is 'cuda' but CUDA is not available; set train.device to auto or cpu")
-    return torch.device(device)
 
 
 def masked_bce_dice(
@@ -246,7 +238,11 @@ QUICK_WEIGHTS = {"levir-dev": 0.3, "whu-cd": 0.3, "demo-town": 0.2, "santa-rosa"
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision).
+    """The autocast dtype training runs under for ``train.amp`` on ``device`` (None: full precision).
+
+    Training has its own policy beside inference's (:func:`pipeline.nets.device.inference_dtype`): bf16
+    pays twice on the CPU while training (AMX) and the calibration that follows is measured at the
+    inference precision, so what ships is scored as detect runs it.
 
     ``auto`` is bf16 on both CPU (AMX: about 2× the fp32 step here, ``benchmarks``) and CUDA; ``fp16``
     needs CUDA and a gradient scaler.
@@ -399,7 +395,7 @@ def train(
     state_path = resume_path(out_path)
     saved = _load_resume(state_path, settings) if resume else None
     seed_everything(settings.seed)
-    device = pick_device(settings.device)
+    device = resolve_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(settings.threads)
     module = create_model(settings.arch, in_channels=settings.in_channels, **settings.arch_kwargs)
