@@ -8,7 +8,7 @@ from typing import Any
 
 import geopandas as gpd
 import pytest
-from maps_report_data import CRS, FLAGS, MONTH, rect, write_inputs
+from maps_report_data import CRS, FLAGS, MONTH, FakePair, fake_open, rect, write_inputs
 
 from pipeline.config import ReportSettings
 from pipeline.coregister import BlockShift, qa_report
@@ -46,8 +46,13 @@ def align_qa(after: list[tuple[float, float] | None], **values: Any) -> dict[str
 QA = align_qa([(0.3, 0.4), (0.0, 1.0)])
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from pipeline.pair import AlignedPair
+
     root = tmp_path_factory.mktemp("report")
     paths = write_inputs(root)
     qa = root / "qa.json"
@@ -65,22 +70,36 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         geometry=[rect(f[4], f[5], f[3]) for f in rows] + [rect(1900, 1900, 50.0)],
         crs=CRS,
     ).to_file(truth, layer="changes", driver="GPKG")
-    html = report.build_report(
-        MONTH,
-        paths["ledger"],
-        paths["flags"],
-        root / "monthly",
-        settings=ReportSettings(),
-        qa_path=qa,
-        truth_path=truth,
-        metrics_path=root / "metrics.json",
-    )
+    pair = FakePair()
+    with pytest.MonkeyPatch.context() as mp:  # the thumbnails read the fake pair as AlignedPair.open would
+        mp.setattr(AlignedPair, "open", classmethod(lambda cls, path: fake_open(pair)))
+        html = report.build_report(
+            MONTH,
+            paths["ledger"],
+            paths["flags"],
+            root / "monthly",
+            settings=ReportSettings(),
+            qa_path=qa,
+            truth_path=truth,
+            metrics_path=root / "metrics.json",
+            layers_dir=paths["layers"],
+            pair_dir=root,
+            prev_month="2026-02",
+            model_path=ROOT / "models" / "scarnet.pt",
+            model_metrics_path=ROOT / "models" / "metrics.json",
+            params_path=ROOT / "params.yaml",
+            params={"vectorize": {"min_area_m2": 12.0}},
+        )
     return {
         "paths": paths,
         "root": root,
+        "pair": pair,
         "html": html.read_text(encoding="utf-8"),
         "md": (root / "monthly" / f"{MONTH}.md").read_text(encoding="utf-8"),
-        "metrics": json.loads((root / "metrics.json").read_text(encoding="utf-8")),
+        "metrics": json.loads((root / "monthly" / f"{MONTH}.json").read_text(encoding="utf-8")),
+        "headline": json.loads((root / "metrics.json").read_text(encoding="utf-8")),
+        "pdf": root / "monthly" / f"{MONTH}.pdf",
+        "trend": (root / "monthly" / f"{MONTH}.trend.csv").read_text(encoding="utf-8"),
     }
 
 
@@ -135,13 +154,13 @@ def test_html_is_chinese_first_and_self_contained(built: dict[str, Any]) -> None
     assert zh < en
     zh_part, en_part = (re.sub(r"<[^>]+>", "", part) for part in (html[zh:en], html[en:]))
     assert "新增违法建设" in zh_part and "3 处" in zh_part and "450.0 m²" in zh_part and "0.675 亩" in zh_part
-    assert "New illegal construction" in en_part and "0.675 mu" in en_part
+    assert "New warnings this month" in en_part and "0.675 mu" in en_part
     for case in ("C-001", "C-002", "C-003"):
         assert case in zh_part and case in en_part
     assert "C-007" not in html
     assert "许可建设（已排除，单独统计）: 1 处, 300.0 m² (0.450 亩) (C-004)" in zh_part  # excluded, but named
     assert "16.7%" in zh_part and "已核验拆除" in zh_part and "逾期" in zh_part
-    assert "分块残差位移" in zh_part
+    assert "分块残差中位数" in zh_part and "两期有效覆盖率: 98.0%" in zh_part
     assert "Noto Sans CJK SC" in html  # CJK font stack
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
 
