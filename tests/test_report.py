@@ -558,3 +558,14 @@ def test_league_rank_change_and_overdue_share() -> None:
         ("A", 1, 1.25, 1, 1.0),
         ("B", 2, 1.25, -1, 0.0),
     ]
+
+
+def test_each_section_has_its_own_charts_in_its_language(built: dict[str, Any]) -> None:
+    from pipeline.publish.charts import cjk_font
+
+    html = built["html"]
+    zh, en = html.index('id="section-zh"'), html.index('id="section-en"')
+    pngs = [re.findall(r'src="data:image/png;base64,([^"]+)"', part) for part in (html[zh:en], html[en:])]
+    assert [len(p) for p in pngs] == [3, 3]  # trend, funnel, ageing in both
+    if cjk_font() is not None:  # with a CJK font the Chinese charts carry Chinese labels: other pixels
+        assert all(a != b for a, b in zip(*pngs, strict=True))
