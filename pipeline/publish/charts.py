@@ -100,11 +100,11 @@ def charts(figures: dict[str, Any], lang: str) -> dict[str, str]:
         trend = figures["trend"]
         months = [r["month"] for r in trend]
         x = list(range(len(months)))
-        fig, ax = plt.subplots(figsize=(6.4, 2.5), dpi=130)
+        fig, ax = plt.subplots(figsize=(6.4, 2.8), dpi=130)
         ax.bar([i - 0.2 for i in x], [r["new_cases"] for r in trend], 0.4, color="#d7191c", label=t["new_cases"])
         ax.bar([i + 0.2 for i in x], [r["demolished"] for r in trend], 0.4, color="#2c7bb6", label=t["demolished"])
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xticks(x, months)
+        ax.set_xticks(x, months, rotation=45 if len(months) > 8 else 0, ha="right" if len(months) > 8 else "center")
         ax.set_ylabel(t["cases"])
         ax2 = ax.twinx()
         ax2.plot(x, [r["new_area_m2"] for r in trend], "o-", color="#444444", lw=1, ms=3, label=t["area"])
@@ -112,9 +112,9 @@ def charts(figures: dict[str, Any], lang: str) -> dict[str, str]:
         ax2.set_ylim(bottom=0)
         ax2.spines["top"].set_visible(False)
         (h1, l1), (h2, l2) = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=7, frameon=False)
+        fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=3, fontsize=7, frameon=False)
         ax.set_title(t["trend"], fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         out["trend"] = _png(fig)
 
         funnel = figures["funnel"]
