@@ -2,11 +2,12 @@
 
 ``01_monthly_review`` runs on a small generated month: the map/report fixture's flags, ledger and layers
 (tests/maps_report_data.py) and a real aligned pair written by ``align_pair`` over the same ground;
-``02_model_evaluation`` on the committed ``models/metrics.json`` (its tile images only where ../shared/data is).
+``02_model_evaluation`` on the committed ``models/metrics.json`` (its worst tiles' images only where ../shared/data is).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -99,3 +100,6 @@ def test_model_evaluation_runs_on_the_committed_metrics(monkeypatch: pytest.Monk
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1  # the calibration curves
     text = " ".join(str(o.get("data", {}).get("text/plain", "")) + str(o.get("text", "")) for o in outputs)
     assert "demo-town" in text and "santa-rosa" in text
+    per_tile = json.loads((ROOT / "models" / "metrics.json").read_text())["flags"]["santa-rosa"]["per_tile"]
+    worst = min(per_tile, key=lambda t: (per_tile[t]["removed_iou50"]["f1"], -per_tile[t]["truth"]))
+    assert worst in text  # the worst held-out tile by its F1 heads the table
