@@ -20,14 +20,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# System packages for the browser test of the inspector map and CJK text in reports (Debian/Ubuntu, as root).
+# System packages (Debian/Ubuntu, as root): chromium for the browser test of the inspector map; fonts-noto-cjk
+# for CJK text in charts and the PDF; Pango for WeasyPrint (the report's PDF); poppler-utils (pdftotext,
+# pdftoppm) for the report tests.
+SYSDEPS := chromium fonts-noto-cjk libpango-1.0-0 libpangoft2-1.0-0 poppler-utils
 sysdeps:
-	@if command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi 'Noto Sans CJK'; then :; \
+	@if command -v chromium >/dev/null 2>&1 && command -v pdftotext >/dev/null 2>&1 \
+		&& fc-list 2>/dev/null | grep -qi 'Noto Sans CJK' && ldconfig -p 2>/dev/null | grep -q libpangoft2; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium and fonts-noto-cjk (apt)"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null) \
-		|| echo "warning: apt-get failed; browser tests will be skipped"; \
-	else echo "note: install chromium and fonts-noto-cjk for the browser test and CJK charts"; fi
+		echo "installing $(SYSDEPS) (apt)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null) \
+		|| echo "warning: apt-get failed; browser and PDF tests will be skipped"; \
+	else echo "note: install $(SYSDEPS) for the browser test, CJK charts and the report's PDF"; fi
 
 demo: venv
 	dvc repro

@@ -242,11 +242,13 @@ def map_(settings: Settings, month: str) -> str:
 @month_option
 @stage
 def report(settings: Settings, month: str) -> str:
-    """Write the month's incremental-construction report (Chinese first, English too) and metrics."""
+    """Write the month's report (HTML, A4 PDF, Markdown; Chinese first, English too), its figures and metrics."""
     from pipeline.publish.report import build_report
 
-    settings.pair(month)
-    qa = settings.pair_dir(month) / "qa.json"
+    pair = settings.pair(month)
+    pair_dir = settings.pair_dir(month)
+    qa = pair_dir / "qa.json"
+    model = settings.detect.model if settings.detect.method == "cnn" else None
     out = build_report(
         month,
         settings.ledger_path,
@@ -256,6 +258,17 @@ def report(settings: Settings, month: str) -> str:
         qa_path=qa if qa.exists() else None,
         truth_path=settings.truth_path if settings.truth_path.exists() else None,
         metrics_path=settings.metrics_path(month),
+        trend_path=settings.paths.reports / "plots" / f"{month}.csv",
+        layers_dir=settings.layers_dir if settings.layers_dir.is_dir() else None,
+        pair_dir=pair_dir if pair_dir.is_dir() else None,
+        prev_month=pair.prev,
+        model_path=model,
+        model_metrics_path=settings.evaluate.out,
+        params_path=Path(click.get_current_context().obj["params"]),
+        params={
+            "detect": {"method": settings.detect.method, "model": str(settings.detect.model)},
+            "vectorize": settings.vectorize.model_dump(mode="json"),
+        },
     )
     return f"monthly report -> {out}"
 

@@ -170,7 +170,11 @@ class MapSettings(_Section):
 class ReportSettings(_Section):
     """The monthly report."""
 
-    languages: tuple[Literal["zh", "en"], ...] = ("zh", "en")
+    languages: tuple[Literal["zh", "en"], ...] = ("zh", "en")  # one section each, in this order
+    pdf: bool = True  # print the HTML to an A4 PDF (WeasyPrint + Pango: `make sysdeps`)
+    thumbnails: int = Field(default=6, ge=0, le=50)  # the largest new structures shown with before/after chips
+    thumbnail_px: int = Field(default=160, ge=32, le=512)
+    list_limit: int = Field(default=50, ge=1)  # rows of each case list (overdue, alerts, new cases) before "… more"
 
 
 class TrainSettings(_Section):

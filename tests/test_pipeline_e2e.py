@@ -112,6 +112,15 @@ def test_ledger_and_report_reflect_the_month(project: Path, first_run: str):
     for case_id in cases.loc[cases["first_month"] == month, "case_id"]:
         assert case_id in report
     assert isinstance(metrics, dict) and metrics
+    figures = json.loads((project / "reports" / "monthly" / f"{month}.json").read_text(encoding="utf-8"))
+    new = cases[(cases["first_month"] == month) & (cases["state"] != "dismissed")]
+    assert metrics["new_warnings"] == figures["new_cases"]["count"] == len(new)  # the headline is the ledger's
+    months = [r["month"] for r in figures["trend"]]
+    assert months[-2:] == ["2026-02", "2026-03"] and months == sorted(months)  # every month, zero months too
+    pdf = project / "reports" / "monthly" / f"{month}.pdf"
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert (project / "reports" / "monthly" / f"{month}.md").exists()
+    assert (project / "reports" / "plots" / f"{month}.csv").read_text().startswith("month,new_cases")
 
 
 def test_second_repro_does_nothing(project: Path, first_run: str):

@@ -17,11 +17,10 @@ Conventions read from the ledger:
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -43,23 +42,27 @@ from pipeline.formats import (
     QA_KEYS,
 )
 from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
-from pipeline.ledger.lifecycle import STATES
+from pipeline.ledger.lifecycle import OPEN_STATES, STATES
 from pipeline.ledger.view import MonthView, load_month_view
+from pipeline.publish.charts import charts
+from pipeline.publish.league import deadlines_as_of, league_table, month_end, previous_month
+from pipeline.publish.provenance import code_version, imagery_quality, model_card, params_digest
 
 log = logging.getLogger(__name__)
 
 LIFECYCLE_KINDS: tuple[str, ...] = ("confirmed", "stopped", "ordered", "demolished", "repaired", "closed", "dismissed")
 PERMIT_WORDS: tuple[str, ...] = ("permit", "许可")
-CJK_FONTS: tuple[str, ...] = (
-    "Noto Sans CJK SC",
-    "Noto Sans CJK JP",
-    "Source Han Sans SC",
-    "WenQuanYi Micro Hei",
-    "WenQuanYi Zen Hei",
-    "Microsoft YaHei",
-    "SimHei",
-    "PingFang SC",
+FUNNEL: tuple[str, ...] = ("warning", "confirmed", "stopped", "ordered", "demolished", "repaired", "closed")
+"""The lifecycle steps of the funnel, in order (预警 → 发现 → 制止 → 处置 → 拆除 → 修复 → 销号)."""
+FUNNEL_ZH: tuple[str, ...] = ("预警", "发现", "制止", "处置", "拆除", "修复", "销号")
+AGE_BINS: tuple[tuple[str, int, int], ...] = (
+    ("0–30", 0, 30),
+    ("31–90", 31, 90),
+    ("91–180", 91, 180),
+    ("181–365", 181, 365),
+    (">365", 366, 10**6),
 )
+"""Ageing bins of open cases (days from ``opened_at`` to the month's last day, inclusive bounds)."""
 
 LABELS: dict[str, dict[str, str]] = {
     "zh": {
@@ -152,6 +155,143 @@ LABELS: dict[str, dict[str, str]] = {
         "chart": "New cases per month",
         "active": "open and closed cases",
     },
+}
+
+
+LABELS["zh"] |= {
+    "headline": "本月要点",
+    "new_warnings": "本月新增预警（违法建设）",
+    "rebuilds": "反弹重建",
+    "expansions": "扩建",
+    "this_month": "本月",
+    "to_date": "累计",
+    "field_check": "上月预警实地核查",
+    "checked_share": "已核查比例",
+    "confirmed_share": "核查确认为违建比例",
+    "by_district": "按区统计",
+    "charts": "图表",
+    "league": "各区赛马排名",
+    "rank": "名次",
+    "rank_change": "名次变化",
+    "score": "综合得分（平均名次）",
+    "area_km2": "面积 km²",
+    "new_per_km2": "新增违建 m²/km²",
+    "overdue_share": "逾期比例",
+    "demolition_rate": "拆除率",
+    "repair_rate": "修复率",
+    "league_rule": (
+        "排名规则：四项指标分别排名（新增违建面积/km² 与逾期比例越低越好，拆除率与修复率越高越好；并列取最好名次），"
+        "综合得分为四项名次的平均值，得分相同时按新增面积/km²、再按区名排序。"
+        "名次变化 = 上月名次 − 本月名次（正数为上升）。"
+        "拆除率 = 已拆除（含已修复、已销号）/ 未排除案件；修复率 = 已修复及已销号 / 已拆除及以后；无案件时记 100%；"
+        "逾期比例 = 逾期案件 / 处置中案件。"
+    ),
+    "overdue": "逾期案件",
+    "deadline": "期限",
+    "days_overdue": "逾期天数",
+    "unit": "责任网格",
+    "rebuild_alerts": "反弹与扩建告警",
+    "largest": "本月最大新增建筑",
+    "before": "前期影像",
+    "after": "本期影像",
+    "flag": "图斑",
+    "quality": "质量与可复现性",
+    "imagery": "影像",
+    "epoch_prev": "前期",
+    "epoch_curr": "本期",
+    "sheets": "图幅",
+    "coverage": "两期有效覆盖率",
+    "pixel": "像元大小：分析格网 {res} m；交付影像 前期 {prev} m、本期 {curr} m",
+    "coreg": "两期配准",
+    "coreg_text": (
+        "对前期影像施加平移 dx={dx} 像元、dy={dy} 像元；分块残差中位数由 {before} 像元降至 {after} 像元"
+        "（最大 {max} 像元，{n}/{blocks} 个分块纹理充足可测）"
+    ),
+    "coreg_off": "未进行配准（align.coregister 关闭）；分块残差中位数 {before} 像元",
+    "unfit": "本月影像不合格：本月“0 新增”不能解读为没有新增违法建设",
+    "unfit_reasons": "原因",
+    "cloud": "云覆盖",
+    "textured": "纹理充足比例",
+    "model": "模型",
+    "model_text": "{name}，检查点 SHA-256 {sha}，种子阈值 {thr}，对象阈值 {obj}",
+    "model_missing": "未提供模型检查点信息",
+    "validation": "验证集对象级指标",
+    "dataset": "数据集",
+    "f1": "F1",
+    "reproduce": "复现",
+    "code_version": "代码版本（git describe）",
+    "params_file": "参数文件",
+    "command": "复现命令",
+    "more": "另有 {n} 条未列出，见 JSON",
+    "page": "第 {n} 页",
+}
+LABELS["en"] |= {
+    "headline": "Headline figures",
+    "new_warnings": "New warnings this month (illegal construction)",
+    "rebuilds": "Rebuilds",
+    "expansions": "Expansions",
+    "this_month": "This month",
+    "to_date": "To date",
+    "field_check": "Field check of last month's warnings",
+    "checked_share": "share checked in the field",
+    "confirmed_share": "share of those confirmed illegal",
+    "by_district": "By district",
+    "charts": "Charts",
+    "league": "District league table (赛马)",
+    "rank": "Rank",
+    "rank_change": "Change",
+    "score": "Score (mean rank)",
+    "area_km2": "Area km²",
+    "new_per_km2": "New illegal m²/km²",
+    "overdue_share": "Past deadline",
+    "demolition_rate": "Demolition rate",
+    "repair_rate": "Repair rate",
+    "league_rule": (
+        "Ranking rule: each of the four indicators ranks the districts (new illegal area per km² and the share past "
+        "deadline: lower is better; demolition and repair rates: higher is better; ties share the best rank); the "
+        "score is the mean of the four ranks, ties broken by new area per km², then by name. Change = last month's "
+        "rank − this month's (positive: moved up). Demolition rate = cases demolished, repaired or closed / cases "
+        "not dismissed; repair rate = repaired or closed / demolished or later; 100% when there are none. Past "
+        "deadline = overdue cases / cases under a demolition order."
+    ),
+    "overdue": "Overdue cases",
+    "deadline": "Deadline",
+    "days_overdue": "Days overdue",
+    "unit": "Responsible unit",
+    "rebuild_alerts": "Rebuild and expansion alerts",
+    "largest": "Largest new structures this month",
+    "before": "before",
+    "after": "after",
+    "flag": "Flag",
+    "quality": "Quality and reproducibility",
+    "imagery": "Imagery",
+    "epoch_prev": "previous",
+    "epoch_curr": "current",
+    "sheets": "sheets",
+    "coverage": "Valid coverage of both epochs",
+    "pixel": "Pixel: analysis grid {res} m; delivered imagery {prev} m (previous), {curr} m (current)",
+    "coreg": "Co-registration",
+    "coreg_text": (
+        "the previous epoch was shifted by dx={dx} px, dy={dy} px; the median block residual fell from {before} px "
+        "to {after} px (max {max} px; {n} of {blocks} blocks textured enough to measure)"
+    ),
+    "coreg_off": "not applied (align.coregister off); median block residual {before} px",
+    "unfit": 'This month\'s imagery is unfit: its "0 new" must not be read as no new construction',
+    "unfit_reasons": "Reasons",
+    "cloud": "cloud cover",
+    "textured": "textured share",
+    "model": "Model",
+    "model_text": "{name}, checkpoint SHA-256 {sha}, seed threshold {thr}, object threshold {obj}",
+    "model_missing": "No model checkpoint was given",
+    "validation": "Validation scores (objects)",
+    "dataset": "Data set",
+    "f1": "F1",
+    "reproduce": "Reproduce",
+    "code_version": "Code version (git describe)",
+    "params_file": "Params file",
+    "command": "Command",
+    "more": "{n} more not listed; see the JSON",
+    "page": "page {n}",
 }
 
 
@@ -307,16 +447,51 @@ def accuracy(month: str, flags: gpd.GeoDataFrame, truth_path: Path) -> dict[str,
     }
 
 
-def compute_figures(view: MonthView) -> dict[str, Any]:
-    """Every number of the month's report (also the metrics JSON).
+def _months(first: str, last: str) -> list[str]:
+    out, month = [], first
+    while month <= last:
+        out.append(month)
+        year, mon = int(month[:4]), int(month[5:7])
+        month = f"{year + 1}-01" if mon == 12 else f"{year}-{mon + 1:02d}"
+    return out
+
+
+def _units(frame: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None) -> list[str]:
+    """The 网格 unit responsible for each row (the grid cell holding its representative point), "" if none."""
+    if grid is None or frame.empty:
+        return [""] * len(frame)
+    points = gpd.GeoDataFrame(geometry=frame.geometry.representative_point(), crs=frame.crs)
+    joined = gpd.sjoin(points, grid[["unit", "geometry"]].to_crs(frame.crs), how="left", predicate="within")
+    first = joined[~joined.index.duplicated(keep="first")]["unit"]
+    return [str(u) if isinstance(u, str) else "" for u in first.reindex(range(len(frame)))]
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def compute_figures(
+    view: MonthView,
+    *,
+    district_area_km2: Mapping[str, float] | None = None,
+    grid: gpd.GeoDataFrame | None = None,
+    prev_month: str | None = None,
+) -> dict[str, Any]:
+    """Every number of the month's report (also its JSON).
 
     Args:
         view: the month's view of the ledger and flags.
+        district_area_km2: each district of ``layers/districts.gpkg`` and its area (the league's rows).
+        grid: ``layers/grid.gpkg`` (``unit`` polygons), for the unit responsible for each overdue case.
+        prev_month: the month compared with (the field-check share reads its warnings); default the
+            calendar month before.
 
     Returns:
         A JSON-ready mapping (see the module docstring for the conventions).
     """
     month, cases, events, flags = view.month, view.cases, view.events, view.flags
+    end = month_end(month)
+    prev_month = prev_month or previous_month(month)
     permitted = _permitted_cases(view)
     new = cases[cases["first_month"].astype(str) == month] if "first_month" in cases else cases.iloc[:0]
     is_permit = new["case_id"].astype(str).isin(permitted)
@@ -327,18 +502,99 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
         if len(illegal)
         else pd.DataFrame(columns=["district", "street", "n", "area"])
     )
+    by_district = (
+        illegal.groupby("district", dropna=False)["area_m2"].agg(n="count", area="sum").reset_index()
+        if len(illegal)
+        else pd.DataFrame(columns=["district", "n", "area"])
+    )
     this_month = events[events["month"] == month]
-    lifecycle = {
-        k: sorted(set(this_month.loc[this_month["kind"] == k, "case_id"].astype(str))) for k in LIFECYCLE_KINDS
-    }
+
+    def ids(frame: pd.DataFrame, kind: str) -> list[str]:
+        return sorted(set(frame.loc[frame["kind"] == kind, "case_id"].astype(str)))
+
+    lifecycle = {k: ids(this_month, k) for k in LIFECYCLE_KINDS}
+    to_date = {k: len(ids(events, k)) for k in LIFECYCLE_KINDS}
     demolished_ever = set(events.loc[events["kind"] == "demolished", "case_id"].astype(str))
-    removed_seen = set(this_month.loc[this_month["kind"] == "observed_removed", "case_id"].astype(str))
+    removed_seen = set(ids(this_month, "observed_removed"))
     removed_ever = set(events.loc[events["kind"] == "observed_removed", "case_id"].astype(str))
     active = cases[cases["state_at"] != "dismissed"]
     closed = int((active["state_at"] == "closed").sum())
     alerts = view.alerts
+
+    # field check of last month's warnings: any field event by this month's end; confirmed among them
+    last = cases[(cases["first_month"].astype(str) == prev_month) & ~cases["case_id"].astype(str).isin(permitted)]
+    field = events[events["source"].astype(str) == "field"]
+    checked = sorted(set(last["case_id"].astype(str)) & set(field["case_id"].astype(str)))
+    confirmed = sorted(set(checked) & set(ids(events, "confirmed")))
+
+    # trend: every month from the ledger's first to this one, zero months included
+    first = min([*events["month"].astype(str), month])
+    live = cases[(cases["state_at"] != "dismissed") & ~cases["case_id"].astype(str).isin(permitted)]
+    trend = []
+    for m in _months(first, month):
+        opened = live[live["first_month"].astype(str) == m]
+        gone = events[(events["month"] == m) & (events["kind"] == "demolished")]
+        trend.append(
+            {
+                "month": m,
+                "new_cases": len(opened),
+                "new_area_m2": round(float(opened["area_m2"].sum()), 1),
+                "demolished": int(gone["case_id"].nunique()),
+            }
+        )
+
+    # funnel: cases (not dismissed) whose state has reached each step of the lifecycle
+    order = {s: i for i, s in enumerate(FUNNEL)}
+    reached = active["state_at"].map(lambda s: order.get(str(s), -1))
+    funnel = [
+        {"state": s, "label_zh": FUNNEL_ZH[i], "label_en": s, "count": int((reached >= i).sum())}
+        for i, s in enumerate(FUNNEL)
+    ]
+
+    # ageing of open cases (days from opened_at to the month's end)
+    open_cases = active[active["state_at"].isin(OPEN_STATES)]
+    age = (pd.Timestamp(end) - pd.to_datetime(open_cases["opened_at"].astype(str), errors="coerce")).dt.days
+    ageing = [{"label": label, "count": int(((age >= lo) & (age <= hi)).sum())} for label, lo, hi in AGE_BINS]
+
+    # overdue: the ledger's overdue alerts, with the deadline as of the month and the grid unit
+    deadline = deadlines_as_of(events)
+    over = alerts[alerts["kind"] == "overdue"].drop_duplicates("case_id").sort_values("case_id")
+    over_cases = cases.set_index(cases["case_id"].astype(str))
+    overdue = []
+    for (case_id, _geom), unit in zip(
+        zip(over["case_id"].astype(str), over.geometry, strict=True),
+        _units(over.reset_index(drop=True), grid),
+        strict=True,
+    ):
+        due = deadline.get(case_id, "")
+        row = over_cases.loc[case_id] if case_id in over_cases.index else None
+        overdue.append(
+            {
+                "case_id": case_id,
+                "deadline": due,
+                "days_overdue": int((pd.Timestamp(end) - pd.Timestamp(due)).days) if due else None,
+                "district": str(row["district"] or "") if row is not None else "",
+                "street": str(row["street"] or "") if row is not None else "",
+                "state": str(row["state_at"]) if row is not None else "",
+                "unit": unit,
+            }
+        )
+    overdue.sort(key=lambda r: (-(r["days_overdue"] or 0), r["case_id"]))
+
+    rebuilds, expansions = ids(this_month, "rebuilt"), ids(this_month, "expanded")
+    alert_items = [
+        {
+            "case_id": str(a.case_id),
+            "kind": str(a.kind),
+            "message_zh": str(a.message_zh or ""),
+            "message_en": str(a.message_en or ""),
+        }
+        for a in alerts.sort_values(["kind", "case_id"]).itertuples()
+    ]
     return {
         "month": month,
+        "prev_month": prev_month,
+        "month_end": end,
         "flags": {
             kind: {"count": int((flags["kind"] == kind).sum()), **_area(flags.loc[flags["kind"] == kind, "area_m2"])}
             for kind in ("new", "removed")
@@ -348,6 +604,8 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
             **_area(illegal["area_m2"]),
             "cases": [_row(c) for c in illegal.itertuples()],
         },
+        "rebuilds": {"count": len(rebuilds), "case_ids": rebuilds},
+        "expansions": {"count": len(expansions), "case_ids": expansions},
         "permitted": {
             "count": int(is_permit.sum()),
             **_area(new.loc[is_permit, "area_m2"]),
@@ -357,6 +615,15 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
             "count": int((is_dismissed & ~is_permit).sum()),
             "case_ids": sorted(new.loc[is_dismissed & ~is_permit, "case_id"].astype(str)),
         },
+        "by_district": [
+            {
+                "district": str(r["district"]),
+                "count": int(r["n"]),
+                "area_m2": round(float(r["area"]), 1),
+                "area_mu": round(float(r["area"]) / MU_M2, 3),
+            }
+            for r in by_district.to_dict("records")
+        ],
         "by_place": [
             {
                 "district": str(r["district"]),
@@ -367,7 +634,15 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
             }
             for r in by_place.to_dict("records")
         ],
-        "lifecycle": {k: {"count": len(v), "case_ids": v} for k, v in lifecycle.items()},
+        "lifecycle": {k: {"count": len(v), "case_ids": v, "to_date": to_date[k]} for k, v in lifecycle.items()},
+        "field_check": {
+            "month": prev_month,
+            "warnings": int(len(last)),
+            "checked": len(checked),
+            "confirmed": len(confirmed),
+            "checked_share": _share(len(checked), len(last)),
+            "confirmed_share": _share(len(confirmed), len(checked)),
+        },
         "demolitions": {
             "verified": sorted(removed_seen & demolished_ever),
             "removed_without_report": sorted(removed_seen - demolished_ever),
@@ -378,16 +653,14 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
         "alerts": {
             "count": len(alerts),
             "by_kind": {str(k): int(n) for k, n in alerts["kind"].value_counts().sort_index().items()},
-            "items": [
-                {
-                    "case_id": str(a.case_id),
-                    "kind": str(a.kind),
-                    "message_zh": str(a.message_zh or ""),
-                    "message_en": str(a.message_en or ""),
-                }
-                for a in alerts.sort_values(["kind", "case_id"]).itertuples()
-            ],
+            "items": alert_items,
         },
+        "rebuild_expansion_alerts": [a for a in alert_items if a["kind"] in ("rebuild", "expansion_after_stop")],
+        "overdue": overdue,
+        "trend": trend,
+        "funnel": funnel,
+        "ageing": ageing,
+        "league": league_table(cases, events, month, district_area_km2=district_area_km2 or {}, permitted=permitted),
         "states": {s: int((cases["state_at"] == s).sum()) for s in STATES},
         "cases_total": len(cases),
         "cases_active": len(active),
@@ -396,51 +669,38 @@ def compute_figures(view: MonthView) -> dict[str, Any]:
     }
 
 
-def _cjk_font() -> str | None:
-    from matplotlib import font_manager
+def headline(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """The month's headline figures as a small flat mapping (the DVC metrics file)."""
+    lc = figures["lifecycle"]
+    usable = (figures.get("quality") or {}).get("usable")
+    out: dict[str, Any] = {
+        "new_warnings": figures["new_cases"]["count"],
+        "new_area_m2": figures["new_cases"]["area_m2"],
+        "new_area_mu": figures["new_cases"]["area_mu"],
+        "rebuilds": figures["rebuilds"]["count"],
+        "expansions": figures["expansions"]["count"],
+        "permitted": figures["permitted"]["count"],
+    }
+    for kind in ("confirmed", "stopped", "ordered", "demolished", "repaired", "closed"):
+        out[kind] = lc[kind]["count"]
+        out[f"{kind}_to_date"] = lc[kind]["to_date"]
+    out |= {
+        "field_checked_share": figures["field_check"]["checked_share"],
+        "field_confirmed_share": figures["field_check"]["confirmed_share"],
+        "overdue": len(figures["overdue"]),
+        "alerts": figures["alerts"]["count"],
+        "closure_rate": figures["closure_rate"],
+        "imagery_usable": None if usable is None else bool(usable.get("ok")),
+    }
+    return out
 
-    names = {f.name for f in font_manager.fontManager.ttflist}
-    found = next((n for n in CJK_FONTS if n in names), None)
-    if found is None:  # fonts installed after matplotlib built its cache: register them
-        for path in font_manager.findSystemFonts():
-            if any(tag in Path(path).name for tag in ("SansCJK", "wqy", "SourceHanSans", "simhei", "msyh")):
-                font_manager.fontManager.addfont(path)
-        names = {f.name for f in font_manager.fontManager.ttflist}
-        found = next((n for n in CJK_FONTS if n in names), None)
-    return found
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 
 
-def trend_chart(view: MonthView) -> str | None:
-    """A small bar chart of new cases per month up to this one (base64 PNG), or None with < 2 months."""
-    cases = view.cases[view.cases["state_at"] != "dismissed"]
-    if "first_month" not in cases or cases["first_month"].nunique() < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    counts = cases.groupby(cases["first_month"].astype(str)).size().sort_index()
-    font = _cjk_font()
-    title = "每月新增案件 New cases per month" if font else "New cases per month"
-    if font is None:
-        log.info("no CJK font found for matplotlib; the chart is labelled in English only")
-    rc: Any = {"font.family": [font, "sans-serif"]} if font else {}
-    with plt.rc_context(rc):
-        fig, ax = plt.subplots(figsize=(5.5, 2.4), dpi=110)
-        colors = ["#d7191c" if m == view.month else "#9e9e9e" for m in counts.index]
-        ax.bar(range(len(counts)), list(counts.values), color=colors)
-        ax.set_xticks(range(len(counts)), [str(m) for m in counts.index])
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(labelsize=8)
-        ax.spines[["top", "right"]].set_visible(False)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def md_escape(value: Any) -> str:
+    """Ledger text made inert in Markdown: specials backslash-escaped, line breaks turned to spaces."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
 
 
 @lru_cache(maxsize=2)
@@ -454,7 +714,64 @@ def _env(autoescape: bool) -> Environment:
     )
     env.filters["num"] = lambda v, d=1: "–" if v is None else f"{float(v):,.{d}f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * float(v):.1f}%"
+    env.filters["md"] = md_escape if not autoescape else (lambda v: v)
+    env.filters["signed"] = lambda v: "–" if v is None else ("±0" if v == 0 else f"{int(v):+d}")
     return env
+
+
+def district_areas(layers_dir: Path | None) -> dict[str, float]:
+    """Each district of ``layers_dir/districts.gpkg`` and its area in km² (empty without the layer)."""
+    path = Path(layers_dir) / "districts.gpkg" if layers_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    frame = read_layer(path, None, what="the districts layer", fix="fix layers/districts.gpkg", columns=("district",))
+    if frame.crs is None or not frame.crs.is_projected:
+        raise CorruptFileError(f"{path}: districts need a projected CRS (metres) to measure km²; reproject the layer")
+    areas = frame.assign(a=frame.geometry.area).groupby(frame["district"].astype(str))["a"].sum()
+    return {str(d): float(a) / 1e6 for d, a in areas.items()}
+
+
+def read_grid(layers_dir: Path | None) -> gpd.GeoDataFrame | None:
+    """``layers_dir/grid.gpkg`` (网格 ``cell_id``, ``unit``), or None without it."""
+    path = Path(layers_dir) / "grid.gpkg" if layers_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    return read_layer(path, None, what="the grid layer", fix="fix layers/grid.gpkg", columns=("unit",))
+
+
+def largest_structures(view: MonthView, figures: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
+    """The ``n`` largest new illegal structures of the month with the flag that opened each."""
+    flags = view.flags[view.flags["kind"] == "new"]
+    out = []
+    for case in sorted(figures["new_cases"]["cases"], key=lambda c: (-c["area_m2"], c["case_id"]))[:n]:
+        mine = flags[flags["case_id"].astype(str) == case["case_id"]].sort_values("area_m2", ascending=False)
+        out.append({**case, "flag_id": str(mine["flag_id"].iloc[0]) if len(mine) else ""})
+    return out
+
+
+def thumbnails(pair_dir: Path, view: MonthView, rows: list[dict[str, Any]], settings: ReportSettings) -> None:
+    """Add ``before`` / ``after`` JPEG data URLs to ``rows`` from the aligned pair (the map's chips)."""
+    from pipeline.config import MapSettings
+    from pipeline.pair import AlignedPair
+    from pipeline.publish.mapimagery import make_chips
+
+    wanted = [r["flag_id"] for r in rows if r["flag_id"]]
+    flags = view.flags[view.flags["flag_id"].astype(str).isin(wanted)]
+    if flags.empty:
+        return
+    chip_settings = MapSettings.model_validate({"max_chips": len(flags), "chip_px": settings.thumbnail_px})
+    with AlignedPair.open(pair_dir) as pair:
+        chips = make_chips(pair, flags, chip_settings)
+    for r in rows:
+        if r["flag_id"] in chips:
+            r["before"], r["after"] = chips[r["flag_id"]]
+
+
+def write_trend_csv(path: Path, trend: list[dict[str, Any]]) -> None:
+    """The trend as CSV (month, new_cases, new_area_m2, demolished): the DVC plot."""
+    lines = ["month,new_cases,new_area_m2,demolished"]
+    lines += [f"{r['month']},{r['new_cases']},{r['new_area_m2']},{r['demolished']}" for r in trend]
+    _write(Path(path), "\n".join(lines) + "\n")
 
 
 def build_report(
@@ -467,18 +784,34 @@ def build_report(
     qa_path: Path | None = None,
     truth_path: Path | None = None,
     metrics_path: Path | None = None,
+    trend_path: Path | None = None,
+    layers_dir: Path | None = None,
+    pair_dir: Path | None = None,
+    prev_month: str | None = None,
+    model_path: Path | None = None,
+    model_metrics_path: Path | None = None,
+    params_path: Path | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the month's report as ``out_dir/<month>.html`` and ``.md``, and its numbers as JSON.
+    """Write the month's report as ``out_dir/<month>.{html,pdf,md}``, its figures as ``<month>.json``.
 
     Args:
         month: ``YYYY-MM``.
         ledger_path: the ledger GeoPackage.
         flags_path: the month's flags GeoPackage.
         out_dir: the report folder (created).
-        settings: the ``report`` section of params.yaml (languages and their order).
-        qa_path: the align stage's qa.json for the month (co-registration residuals).
+        settings: the ``report`` section of params.yaml (languages, PDF, thumbnails).
+        qa_path: the align stage's qa.json for the month (co-registration residuals, usable).
         truth_path: the demo's truth GeoPackage; adds the accuracy line (demo only).
-        metrics_path: where to write the metrics JSON (default ``out_dir/<month>.json``).
+        metrics_path: where to write the headline metrics (default ``out_dir/<month>.metrics.json``).
+        trend_path: where to write the trend CSV (default ``out_dir/<month>.trend.csv``).
+        layers_dir: folder with ``districts.gpkg`` (league rows, km²) and ``grid.gpkg`` (units).
+        pair_dir: the month's aligned pair (sheets, thumbnails).
+        prev_month: the month compared with (default the calendar month before).
+        model_path: the checkpoint the month was detected with.
+        model_metrics_path: ``models/metrics.json`` (the model's validation scores).
+        params_path: params.yaml (its hash is printed).
+        params: the params to print (e.g. the detect and vectorize sections).
 
     Returns:
         The HTML report's path.
@@ -486,17 +819,39 @@ def build_report(
     Raises:
         MissingInputError: an input file is missing.
         CorruptFileError: qa.json is not valid JSON.
+        ConfigError: ``settings.pdf`` is set and WeasyPrint cannot run.
     """
     check_month(month)
     view = load_month_view(month, Path(ledger_path), Path(flags_path))
-    figures = compute_figures(view)
-    figures["qa"] = read_qa(Path(qa_path)) if qa_path is not None else None
+    figures = compute_figures(
+        view, district_area_km2=district_areas(layers_dir), grid=read_grid(layers_dir), prev_month=prev_month
+    )
+    qa_raw: dict[str, Any] | None = None
+    if qa_path is not None:
+        figures["qa"] = read_qa(Path(qa_path))
+        qa_raw = json.loads(Path(qa_path).read_text(encoding="utf-8"))
+    else:
+        figures["qa"] = None
+    figures["quality"] = imagery_quality(qa_raw, pair_dir) if qa_raw is not None else None
     scored = accuracy(month, view.flags, Path(truth_path)) if truth_path is not None else None
     figures["accuracy"] = scored["iou"] if scored else None
     figures["accuracy_centroid"] = scored["centroid"] if scored else None
+    figures["model"] = model_card(model_path, model_metrics_path)
+    figures["reproduce"] = {
+        "code_version": code_version(),
+        "params": params_digest(params_path),
+        "values": json.loads(json.dumps(dict(params or {}), default=str)),
+        "command": f"dvc repro report@{month}",
+    }
+    largest = largest_structures(view, figures, settings.thumbnails)
+    if pair_dir is not None and largest and Path(pair_dir).is_dir():
+        thumbnails(Path(pair_dir), view, largest, settings)
+    figures["largest"] = [{k: v for k, v in r.items() if k not in ("before", "after")} for r in largest]
     context = {
         "m": figures,
+        "largest": largest,
         "languages": list(settings.languages),
+        "limit": settings.list_limit,
         "labels": LABELS,
         "state_zh": STATE_ZH,
         "kind_zh": KIND_ZH,
@@ -506,16 +861,23 @@ def build_report(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, md_path = out_dir / f"{month}.html", out_dir / f"{month}.md"
-    _write(html_path, _env(True).get_template("report.html.j2").render(chart=trend_chart(view), **context))
+    html_path, md_path, pdf_path = (out_dir / f"{month}.{ext}" for ext in ("html", "md", "pdf"))
+    figs = {lang: charts(figures, lang) for lang in settings.languages}
+    html = _env(True).get_template("report.html.j2").render(charts=figs, **context)
+    _write(html_path, html)
     _write(md_path, _env(False).get_template("report.md.j2").render(**context))
-    metrics_path = Path(metrics_path) if metrics_path is not None else out_dir / f"{month}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    _write(metrics_path, json.dumps(figures, ensure_ascii=False, indent=2) + "\n")
+    if settings.pdf:
+        from pipeline.publish.pdf import write_pdf
+
+        write_pdf(html, pdf_path)
+    _write(out_dir / f"{month}.json", json.dumps(figures, ensure_ascii=False, indent=2) + "\n")
+    metrics_path = Path(metrics_path) if metrics_path is not None else out_dir / f"{month}.metrics.json"
+    _write(metrics_path, json.dumps(headline(figures), ensure_ascii=False, indent=2) + "\n")
+    write_trend_csv(Path(trend_path) if trend_path is not None else out_dir / f"{month}.trend.csv", figures["trend"])
     log.info(
-        "wrote %s, %s and %s: %d new cases, %d alerts",
+        "wrote %s (+ .md%s, .json), %s: %d new cases, %d alerts",
         str(html_path),
-        str(md_path),
+        ", .pdf" if settings.pdf else "",
         str(metrics_path),
         figures["new_cases"]["count"],
         figures["alerts"]["count"],
