@@ -150,13 +150,57 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+DEMO_MANIFEST = ".scarwatch-demo.json"
+"""What ``scarwatch demo`` wrote (path -> SHA-256), so it can tell a user's edit from its own files."""
+
+
+def _demo_edits(out: Path) -> list[str] | None:
+    """The files under ``out`` that differ from what the demo wrote; None when the demo did not write it."""
+    import json
+
+    from pipeline.fileio import tree_manifest
+
+    manifest = out / DEMO_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    current = tree_manifest(out, skip=[DEMO_MANIFEST])
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+
+
 @cli.command()
+@click.option("--force", is_flag=True, help="Regenerate even over files edited since the demo wrote them.")
 @stage
-def demo(settings: Settings) -> str:
-    """Generate the synthetic demo town (imagery, ledger, layers, field updates, truth)."""
+def demo(settings: Settings, force: bool = False) -> str:
+    """Generate the synthetic demo town (imagery, ledger, layers, field updates, truth).
+
+    Refuses (exit 2) to replace a folder with files edited or added since the demo wrote it, so neither
+    `scarwatch demo` nor `dvc repro` discards a user's edits.
+    """
+    import json
+
+    from pipeline.errors import InputError
+    from pipeline.fileio import atomic_path, tree_manifest
     from pipeline.synth import generate_demo
 
-    summary = generate_demo(settings.demo.out, settings.demo)
+    out = settings.demo.out
+    if out.exists() and any(out.iterdir()) and not force:
+        edits = _demo_edits(out)
+        fix = (
+            f"to keep them, copy the folder (e.g. `cp -r {out} data/raw`), set paths.raw to the copy and leave "
+            "the demo as it was; to discard them, run `scarwatch demo --force`"
+        )
+        if edits is None:
+            raise InputError(f"{out}: was not written by `scarwatch demo` (no {DEMO_MANIFEST}); {fix}")
+        if edits:
+            shown = ", ".join(edits[:3]) + (f" and {len(edits) - 3} more" if len(edits) > 3 else "")
+            raise InputError(f"{out}: {len(edits)} files changed since the demo wrote them ({shown}); {fix}")
+    summary = generate_demo(out, settings.demo)
+    with atomic_path(out / DEMO_MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"files": tree_manifest(out, skip=[DEMO_MANIFEST])}, indent=1), encoding="utf-8")
     return (
         f"demo town: {len(summary.months)} months, {summary.n_structures} structures, "
         f"{summary.n_changes} scripted changes -> {summary.out_dir}"

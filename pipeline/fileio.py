@@ -10,6 +10,7 @@ failure into one error that names the file, the layer and the fix.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,21 +40,78 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         tmp.rename(dest)
 
 
+def temp_name(dest: Path, tag: str = "tmp") -> Path:
+    """A temporary file beside ``dest`` that no other process uses: ``.<stem>.<pid>-<random>.<tag><suffix>``.
+
+    Two runs on one output (two ``detect --month`` at once) never share it; the pid in the name lets
+    :func:`remove_stale_temps` clear what a killed run left.
+    """
+    dest = Path(dest)
+    return dest.with_name(f".{dest.stem}.{os.getpid()}-{secrets.token_hex(4)}.{tag}{dest.suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(dest: Path) -> list[Path]:
+    """Remove the temporary files of ``dest`` that killed runs left (their process is gone).
+
+    Matches :func:`temp_name`'s files (and SQLite's ``-journal``/``-wal``/``-shm`` beside them); files of a
+    live process are kept. Returns what was removed.
+    """
+    dest = Path(dest)
+    removed: list[Path] = []
+    if not dest.parent.is_dir():
+        return removed
+    prefix = f".{dest.stem}."
+    for path in dest.parent.iterdir():
+        name = path.name
+        if not name.startswith(prefix) or not path.is_file():
+            continue
+        pid_text = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (same suffix, so writers pick the right format).
 
     On success the file replaces ``dest`` in one step; on error it is removed and ``dest`` is untouched.
+    Temporary files that killed runs left beside ``dest`` are removed first.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.tmp{dest.suffix}")
-    tmp.unlink(missing_ok=True)
+    remove_stale_temps(dest)
+    tmp = temp_name(dest)
     try:
         yield tmp
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def tree_manifest(folder: Path, *, skip: Sequence[str] = ()) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file under ``folder`` (names in ``skip`` left out)."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel in skip or not path.is_file():
+            continue
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def gdal_env(**options: Any) -> rasterio.Env:
