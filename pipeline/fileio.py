@@ -90,15 +90,47 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     On success the file replaces ``dest`` in one step; on error it is removed and ``dest`` is untouched.
     Temporary files that killed runs left beside ``dest`` are removed first.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest)
-    tmp = temp_name(dest)
-    try:
+    with atomic_paths([dest]) as (tmp,):
         yield tmp
-        os.replace(tmp, dest)
+
+
+@contextmanager
+def atomic_paths(dests: Sequence[Path]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for outputs that belong together (flags GeoPackage + GeoParquet): one generation.
+
+    Yields one temporary path per destination. Nothing is replaced until every temporary file is written;
+    then all are moved in (the last destination last); if a move fails, the ones already moved are put
+    back from hard-linked backups, so the outputs are either all old or all new.
+    """
+    dests = [Path(d) for d in dests]
+    for dest in dests:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+    tmps = [temp_name(d) for d in dests]
+    backups: list[tuple[Path, Path]] = []
+    try:
+        yield tmps
+        for dest in dests if len(dests) > 1 else ():  # one file needs no backup: os.replace is atomic
+            if dest.exists():
+                backup = temp_name(dest, "bak")
+                os.link(dest, backup)
+                backups.append((backup, dest))
+        done: list[Path] = []
+        try:
+            for tmp, dest in zip(tmps, dests, strict=True):
+                os.replace(tmp, dest)
+                done.append(dest)
+        except BaseException:
+            for backup, dest in backups:
+                if dest in done:
+                    os.replace(backup, dest)
+            for dest in done:
+                if not any(d == dest for _, d in backups):
+                    dest.unlink(missing_ok=True)
+            raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for path in [*tmps, *(b for b, _ in backups)]:
+            path.unlink(missing_ok=True)
 
 
 def tree_manifest(folder: Path, *, skip: Sequence[str] = ()) -> dict[str, str]:
