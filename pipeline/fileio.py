@@ -60,27 +60,44 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(dest: Path) -> list[Path]:
+def remove_stale_temps(dest: Path, *, stem: str | None = None) -> list[Path]:
     """Remove the temporary files of ``dest`` that killed runs left (their process is gone).
 
-    Matches :func:`temp_name`'s files (and SQLite's ``-journal``/``-wal``/``-shm`` beside them); files of a
-    live process are kept. Returns what was removed.
+    Matches :func:`temp_name`'s files (and SQLite's ``-journal``/``-wal``/``-shm`` beside them) and
+    :func:`temp_dir`'s folders (``stem``: the folder's whole name); those of a live process are kept.
+    Returns what was removed.
     """
     dest = Path(dest)
     removed: list[Path] = []
     if not dest.parent.is_dir():
         return removed
-    prefix = f".{dest.stem}."
+    prefix = f".{stem or dest.stem}."
     for path in dest.parent.iterdir():
         name = path.name
-        if not name.startswith(prefix) or not path.is_file():
+        if not name.startswith(prefix):
             continue
         pid_text = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():  # a temporary folder (align, demo: :func:`temp_dir`)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def temp_dir(dest: Path) -> Path:
+    """Create a temporary folder beside ``dest`` for :func:`replace_dir`, first removing killed runs' ones.
+
+    Named ``.<name>.<pid>-<random>`` so that :func:`remove_stale_temps` can tell a dead run's folder.
+    """
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest, stem=dest.name)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", dir=dest.parent))
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from pipeline.errors import (
     NoOverlapError,
     first_line,
 )
-from pipeline.fileio import block_windows, gdal_env, replace_dir
+from pipeline.fileio import block_windows, gdal_env, replace_dir, temp_dir
 from pipeline.formats import PAIR_JSON, PAIR_VERSION, VALID_TIF, checkpoint_native_gsd, encode_valid
 from pipeline.pair import AlignedPair
 
@@ -556,8 +555,7 @@ def _align(
             "; ".join(usable["reasons"]),
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_dir(out_dir)  # a killed run's folder is removed first
     try:
         with AlignedPair.from_meta(meta, out_dir) as pair:
             n_prev, n_curr, n_both = _valid_pass(pair, tmp)

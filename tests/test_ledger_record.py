@@ -39,8 +39,10 @@ def test_rerun_adds_nothing_and_rebuild_proves_equal(project: Path) -> None:
     assert proc.returncode == 0 and "(0 new)" in proc.stdout
     after = read_ledger(project / "processed" / "ledger.gpkg")[0]
     assert after.drop(columns="geometry").equals(before.drop(columns="geometry"))
-    proc = cli(project, "ledger", "rebuild")
+    proc = cli(project, "ledger", "rebuild", "--out", "fresh.gpkg")
     assert proc.returncode == 0 and "rebuild equals the live ledger" in proc.stdout
+    fresh = read_ledger(project / "fresh.gpkg")[0]
+    assert fresh.drop(columns="geometry").equals(before.drop(columns="geometry"))
     log = [json.loads(line) for line in (project / "processed" / "ledger.log.jsonl").read_text().splitlines()]
     assert [e["command"] for e in log] == ["build", "build", "rebuild"] and log[-1]["equal"] is True
     assert all(len(e["inputs"]) >= 5 for e in log)  # every input named by its SHA-256

@@ -257,6 +257,15 @@ def test_a_full_disk_during_align_keeps_the_previous_pair(raster_project: Path) 
     assert [d.name for d in pair.parent.iterdir()] == ["2026-02"]
 
 
+def test_sigkill_of_align_leaves_no_temp_folder_behind(raster_project: Path) -> None:
+    p, aligned = raster_project, raster_project / "interim" / "aligned"
+    proc = faulty(p, "kill:align-valid-mask", "align", "--month", "2026-02")
+    assert proc.returncode == -signal.SIGKILL
+    assert [d.name for d in aligned.iterdir() if d.name.startswith(".")]  # the killed run's folder
+    assert cli(p, "align", "--month", "2026-02").returncode == 0
+    assert [d.name for d in aligned.iterdir()] == ["2026-02"]
+
+
 @pytest.mark.parametrize(("point", "stage"), [("enospc:map-write", "map"), ("enospc:report-write", "report")])
 def test_a_full_disk_in_map_and_report_is_one_line(raster_project: Path, point: str, stage: str) -> None:
     one_error_line(faulty(raster_project, point, stage, "--month", "2026-02"), "No space left", "free disk space")

@@ -168,7 +168,8 @@ def _replay(inputs: _Inputs, settings: LedgerSettings, live: Live) -> LedgerBuil
     return builder
 
 
-def _input_log(inputs: _Inputs, raw_dir: Path) -> dict[str, str]:
+def _input_log(inputs: _Inputs) -> dict[str, str]:
+    """Every input file by its SHA-256, for the audit log."""
     return {str(p): record.file_digest(p) for p in inputs.files}
 
 
@@ -226,7 +227,7 @@ def build_ledger(
             "events": len(events),
             "cases": len(cases),
             "added": d.added,
-            "inputs": _input_log(inputs, raw_dir),
+            "inputs": _input_log(inputs),
         }
         if not d.ok:
             entry.update(
@@ -317,7 +318,7 @@ def rebuild_ledger(
                 "cases": len(cases),
                 "equal": not diffs,
                 "differences": diffs[:20],
-                "inputs": _input_log(inputs, raw_dir),
+                "inputs": _input_log(inputs),
             },
         )
     return RebuildSummary(ledger_path, len(events), len(cases), not diffs, diffs)
