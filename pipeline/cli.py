@@ -25,23 +25,60 @@ from pipeline.errors import ScarWatchError
 log = logging.getLogger("pipeline")
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USAGE = 2
+EXIT_MACHINE = 1  # the disk is full or a path is not writable: not the inputs' fault
 
 
 def _configure_logging(verbosity: int) -> None:
+    """Log records go to stderr, one line each (stdout carries each stage's one result line)."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    try:
-        from rich.logging import RichHandler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-        fmt = "%(message)s"
-    except ImportError:  # pragma: no cover - rich is a dependency
-        handler = logging.StreamHandler()
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+
+class _OneLine(logging.Formatter):
+    """A formatter that keeps every record on one line (a multi-line message is joined)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(super().format(record).split("\n"))
+
+
+def _command_name(ctx: click.Context) -> str:
+    """``scarwatch ledger build`` for a subcommand of a group, ``scarwatch align`` for a stage."""
+    names: list[str] = []
+    c: click.Context | None = ctx
+    while c is not None and c.parent is not None:
+        names.append(str(c.info_name))
+        c = c.parent
+    return " ".join(["scarwatch", *reversed(names)])
+
+
+def _fail(ctx: click.Context, text: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"{_command_name(ctx)}: error: {' '.join(text.split())}", err=True)
+    sys.exit(code)
+
+
+def _os_error_line(exc: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of the inputs (disk full, permissions), else None."""
+    import errno
+
+    text = " ".join(str(exc).split())
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return f"{text or 'no space left on device'}; free disk space and run again (the previous output is unchanged)"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"{where}{exc.strerror or text}; check the path, free space and permissions, then run again"
+    return None
 
 
 def stage(func: F) -> F:
-    """Wrap a subcommand: load settings, time it, turn expected errors into one line and exit 2."""
+    """Wrap a subcommand: load settings, time it, turn expected errors into one line and exit 2.
+
+    Errors of the machine (a full disk, a permission denied: :class:`OSError` and GDAL's or pyogrio's
+    errors that say "No space left on device") are one line and exit 1, never a traceback; every stage
+    writes through a temporary file or folder, so the previous output is intact.
+    """
 
     @click.pass_context
     @functools.wraps(func)
@@ -54,8 +91,12 @@ def stage(func: F) -> F:
             with gdal_env():
                 message = func(settings, *args, **kwargs)
         except ScarWatchError as exc:
-            click.echo(f"scarwatch {ctx.info_name}: error: {' '.join(str(exc).split())}", err=True)
-            sys.exit(EXIT_USAGE)
+            _fail(ctx, str(exc))
+        except Exception as exc:  # noqa: BLE001 - only machine errors are turned into a line; the rest re-raise
+            line = _os_error_line(exc)
+            if line is None:
+                raise
+            _fail(ctx, line, EXIT_MACHINE)
         if message:
             click.echo(f"{message} ({time.perf_counter() - start:.1f} s)")
 
@@ -109,13 +150,57 @@ def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+DEMO_MANIFEST = ".scarwatch-demo.json"
+"""What ``scarwatch demo`` wrote (path -> SHA-256), so it can tell a user's edit from its own files."""
+
+
+def _demo_edits(out: Path) -> list[str] | None:
+    """The files under ``out`` that differ from what the demo wrote; None when the demo did not write it."""
+    import json
+
+    from pipeline.fileio import tree_manifest
+
+    manifest = out / DEMO_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    current = tree_manifest(out, skip=[DEMO_MANIFEST])
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+
+
 @cli.command()
+@click.option("--force", is_flag=True, help="Regenerate even over files edited since the demo wrote them.")
 @stage
-def demo(settings: Settings) -> str:
-    """Generate the synthetic demo town (imagery, ledger, layers, field updates, truth)."""
+def demo(settings: Settings, force: bool = False) -> str:
+    """Generate the synthetic demo town (imagery, ledger, layers, field updates, truth).
+
+    Refuses (exit 2) to replace a folder with files edited or added since the demo wrote it, so neither
+    `scarwatch demo` nor `dvc repro` discards a user's edits.
+    """
+    import json
+
+    from pipeline.errors import InputError
+    from pipeline.fileio import atomic_path, tree_manifest
     from pipeline.synth import generate_demo
 
-    summary = generate_demo(settings.demo.out, settings.demo)
+    out = settings.demo.out
+    if out.exists() and any(out.iterdir()) and not force:
+        edits = _demo_edits(out)
+        fix = (
+            f"to keep them, copy the folder (e.g. `cp -r {out} data/raw`), set paths.raw to the copy and leave "
+            "the demo as it was; to discard them, run `scarwatch demo --force`"
+        )
+        if edits is None:
+            raise InputError(f"{out}: was not written by `scarwatch demo` (no {DEMO_MANIFEST}); {fix}")
+        if edits:
+            shown = ", ".join(edits[:3]) + (f" and {len(edits) - 3} more" if len(edits) > 3 else "")
+            raise InputError(f"{out}: {len(edits)} files changed since the demo wrote them ({shown}); {fix}")
+    summary = generate_demo(out, settings.demo)
+    with atomic_path(out / DEMO_MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"files": tree_manifest(out, skip=[DEMO_MANIFEST])}, indent=1), encoding="utf-8")
     return (
         f"demo town: {len(summary.months)} months, {summary.n_structures} structures, "
         f"{summary.n_changes} scripted changes -> {summary.out_dir}"
@@ -201,21 +286,67 @@ def vectorize(settings: Settings, month: str) -> str:
     return f"{len(flags)} flags ({counts.get('new', 0)} new, {counts.get('removed', 0)} removed) -> {out}"
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def ledger(ctx: click.Context) -> None:
+    """The scar ledger (台账), a store of record: build (the monthly stage; the default) and rebuild."""
+    if ctx.invoked_subcommand is None:  # `scarwatch ledger` is `scarwatch ledger build`
+        ctx.invoke(ledger_build)
+
+
+def _ledger_inputs(settings: Settings) -> dict[str, Any]:
+    months = [p.month for p in settings.months]
+    return {
+        "flags_paths": [settings.flags_path(m) for m in months],
+        "raw_dir": settings.paths.raw,
+        "settings": settings.ledger,
+        "months": months,
+    }
+
+
+@ledger.command(name="build")
+@click.option(
+    "--allow-shrink",
+    metavar="REASON",
+    default=None,
+    help="Let this run lose or change events of the live ledger; the reason is recorded in its audit log.",
+)
 @stage
-def ledger(settings: Settings) -> str:
-    """Join every month's flags, the seed ledger, permits and field updates into the scar ledger."""
+def ledger_build(settings: Settings, allow_shrink: str | None = None) -> str:
+    """Replay every month's flags, the seed ledger, permits and field updates into the ledger.
+
+    Refused (exit 2, nothing written) when the result would lose or change an event or a case of the
+    live ledger; case ids never change.
+    """
     from pipeline.ledger import build_ledger
 
-    months = [p.month for p in settings.months]
-    summary = build_ledger(
-        [settings.flags_path(m) for m in months],
-        settings.paths.raw,
-        settings.ledger_path,
-        settings.ledger,
-        months=months,
+    summary = build_ledger(out_path=settings.ledger_path, allow_shrink=allow_shrink, **_ledger_inputs(settings))
+    return (
+        f"{summary.n_cases} cases, {summary.n_events} events ({summary.n_added} new), {summary.n_alerts} alerts "
+        f"-> {summary.out_path}"
     )
-    return f"{summary.n_cases} cases, {summary.n_events} events, {summary.n_alerts} alerts -> {summary.out_path}"
+
+
+@ledger.command(name="rebuild")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the fresh ledger here (the live ledger is never written).",
+)
+@stage
+def ledger_rebuild(settings: Settings, out: Path | None) -> str:
+    """Replay every input into a fresh ledger and prove it equals the live one (audited; exit 2 if not)."""
+    from pipeline.errors import LedgerError
+    from pipeline.ledger import rebuild_ledger
+
+    result = rebuild_ledger(ledger_path=settings.ledger_path, out_path=out, **_ledger_inputs(settings))
+    if not result.equal:
+        raise LedgerError(
+            f"{result.ledger_path}: the rebuild differs from the live ledger in {len(result.differences)} ways "
+            f"(first: {result.differences[0]}); see the audit log {result.ledger_path.with_suffix('.log.jsonl')}"
+        )
+    return f"rebuild equals the live ledger: {result.n_events} events, {result.n_cases} cases ({result.ledger_path})"
 
 
 @cli.command(name="map")

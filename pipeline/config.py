@@ -338,6 +338,50 @@ class Settings(_Section):
         return sorted({m for p in self.months for m in (p.prev, p.month)})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the constructor raise its own error
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} is given twice (first on line {first}); keep one",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 (GBK from a Chinese-locale editor) is one clear error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        try:
+            data.decode("gbk")
+            guess = " (it looks like GBK, as a Chinese-locale editor saves it)"
+        except UnicodeDecodeError:
+            guess = ""
+        raise ConfigError(
+            f"{path} line {line}: not UTF-8{guess}; save it as UTF-8 (e.g. `iconv -f GBK -t UTF-8`)"
+        ) from None
+
+
 def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
     """Read and validate params.yaml (missing sections take defaults).
 
@@ -348,8 +392,10 @@ def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | 
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{path}: parameters file not found; run from the project root or pass --params")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is not a file; pass the parameters file with --params")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(_read_utf8(path), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -358,7 +404,9 @@ def load_settings(path: str | Path = "params.yaml", overrides: dict[str, Any] | 
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = value
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"{path}: section {section!r} is not a mapping, so --set {key} cannot apply; fix it")
+        raw[section][name] = value
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

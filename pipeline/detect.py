@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 import torch
 from affine import Affine
@@ -53,8 +54,8 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from pipeline.config import DetectSettings
-from pipeline.errors import ConfigError, CRSMismatchError, InputError
-from pipeline.fileio import atomic_path
+from pipeline.errors import ConfigError, CRSMismatchError, InputError, ScarWatchError, first_line
+from pipeline.fileio import atomic_path, remove_stale_temps, temp_name
 from pipeline.formats import PROB_BANDS, PROB_NODATA, encode_probabilities, probability_tags
 from pipeline.nets.blocks import STRIDE, pad_to_multiple, padded_size
 from pipeline.predictors import Predictor, make_predictor
@@ -210,7 +211,8 @@ class _CogWriter:
     def __init__(self, out_path: Path, *, width: int, height: int, crs: CRS, transform: Affine, tags: dict[str, str]):
         self.out_path = out_path
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = out_path.with_name(f".{out_path.stem}.part.tif")
+        remove_stale_temps(out_path)  # what a killed run left
+        self.tmp = temp_name(out_path, "part")  # unique: two runs on one month never share it
         profile = {
             "driver": "GTiff",
             "width": width,
@@ -245,12 +247,34 @@ class _CogWriter:
             ds.build_overviews(factors, Resampling.average)
         with atomic_path(self.out_path) as part:
             rasterio.shutil.copy(self.tmp, part, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK, OVERVIEWS="AUTO")
+            _verify_cog(part, width=width, height=height)
         self.tmp.unlink(missing_ok=True)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.ds.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _verify_cog(path: Path, *, width: int, height: int) -> None:
+    """Read every block of the written COG back: GDAL does not always raise on a failed write (full disk).
+
+    Raises:
+        ScarWatchError: the file is truncated or unreadable (the previous output is kept).
+    """
+    try:
+        with rasterio.open(path) as ds:
+            if (ds.width, ds.height, ds.count) != (width, height, 2):
+                raise ScarWatchError(f"{path}: written raster is {ds.width}x{ds.height}x{ds.count}")
+            for _, window in ds.block_windows(1):
+                ds.read(window=window)
+            for factor in ds.overviews(1):
+                ds.read(1, out_shape=(max(1, height // factor), max(1, width // factor)))
+    except (rasterio.errors.RasterioError, OSError, ScarWatchError) as exc:
+        raise ScarWatchError(
+            f"{path}: the probability raster could not be written whole ({first_line(exc)}); check free disk "
+            "space and run again (the previous output is unchanged)"
+        ) from exc
 
 
 # ------------------------------------------------------------------------------------------ the runner

@@ -10,6 +10,7 @@ failure into one error that names the file, the layer and the fix.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,21 +40,127 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         tmp.rename(dest)
 
 
+def temp_name(dest: Path, tag: str = "tmp") -> Path:
+    """A temporary file beside ``dest`` that no other process uses: ``.<stem>.<pid>-<random>.<tag><suffix>``.
+
+    Two runs on one output (two ``detect --month`` at once) never share it; the pid in the name lets
+    :func:`remove_stale_temps` clear what a killed run left.
+    """
+    dest = Path(dest)
+    return dest.with_name(f".{dest.stem}.{os.getpid()}-{secrets.token_hex(4)}.{tag}{dest.suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(dest: Path, *, stem: str | None = None) -> list[Path]:
+    """Remove the temporary files of ``dest`` that killed runs left (their process is gone).
+
+    Matches :func:`temp_name`'s files (and SQLite's ``-journal``/``-wal``/``-shm`` beside them) and
+    :func:`temp_dir`'s folders (``stem``: the folder's whole name); those of a live process are kept.
+    Returns what was removed.
+    """
+    dest = Path(dest)
+    removed: list[Path] = []
+    if not dest.parent.is_dir():
+        return removed
+    prefix = f".{stem or dest.stem}."
+    for path in dest.parent.iterdir():
+        name = path.name
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix) :].split("-", 1)[0].split(".", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        if path.is_dir() and not path.is_symlink():  # a temporary folder (align, demo: :func:`temp_dir`)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def temp_dir(dest: Path) -> Path:
+    """Create a temporary folder beside ``dest`` for :func:`replace_dir`, first removing killed runs' ones.
+
+    Named ``.<name>.<pid>-<random>`` so that :func:`remove_stale_temps` can tell a dead run's folder.
+    """
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest, stem=dest.name)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", dir=dest.parent))
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (same suffix, so writers pick the right format).
 
     On success the file replaces ``dest`` in one step; on error it is removed and ``dest`` is untouched.
+    Temporary files that killed runs left beside ``dest`` are removed first.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.tmp{dest.suffix}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_paths([dest]) as (tmp,):
         yield tmp
-        os.replace(tmp, dest)
+
+
+@contextmanager
+def atomic_paths(dests: Sequence[Path]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for outputs that belong together (flags GeoPackage + GeoParquet): one generation.
+
+    Yields one temporary path per destination. Nothing is replaced until every temporary file is written;
+    then all are moved in (the last destination last); if a move fails, the ones already moved are put
+    back from hard-linked backups, so the outputs are either all old or all new.
+    """
+    dests = [Path(d) for d in dests]
+    for dest in dests:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+    tmps = [temp_name(d) for d in dests]
+    backups: list[tuple[Path, Path]] = []
+    try:
+        yield tmps
+        for dest in dests if len(dests) > 1 else ():  # one file needs no backup: os.replace is atomic
+            if dest.exists():
+                backup = temp_name(dest, "bak")
+                os.link(dest, backup)
+                backups.append((backup, dest))
+        done: list[Path] = []
+        try:
+            for tmp, dest in zip(tmps, dests, strict=True):
+                os.replace(tmp, dest)
+                done.append(dest)
+        except BaseException:
+            for backup, dest in backups:
+                if dest in done:
+                    os.replace(backup, dest)
+            for dest in done:
+                if not any(d == dest for _, d in backups):
+                    dest.unlink(missing_ok=True)
+            raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for path in [*tmps, *(b for b, _ in backups)]:
+            path.unlink(missing_ok=True)
+
+
+def tree_manifest(folder: Path, *, skip: Sequence[str] = ()) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file under ``folder`` (names in ``skip`` left out)."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel in skip or not path.is_file():
+            continue
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def gdal_env(**options: Any) -> rasterio.Env:

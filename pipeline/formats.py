@@ -187,12 +187,18 @@ QA_KEYS: tuple[str, ...] = (
     "valid_fraction",  # share of the grid valid in both epochs
     "res",  # the grid's pixel size (CRS units; the network's native pixel with align.resolution "model")
     "delivery_res",  # {"prev": m, "curr": m}: each epoch's delivered pixel size
+    # {"ok": bool, "reasons": [str, ...], "cloud_fraction": float, "textured_fraction": float}: fit for
+    # change detection (pipeline.imagery.usability); ok false means the month's flags may miss construction
+    "usable",
     "coregister",  # align.coregister
     "residual_before_median_px",  # median block residual |d| before the shift (null: none measured)
     "residual_after_median_px",  # and after it
     "blocks_measured",  # blocks textured enough to measure
 )
 """The top-level values of qa.json (besides :data:`QA_BLOCKS`), in the order align writes them."""
+
+QA_USABLE = "usable"
+"""The key of the fitness verdict (``ok``, ``reasons``, ``cloud_fraction``, ``textured_fraction``)."""
 
 QA_BLOCKS = "blocks"
 """The key of the list of per-block records."""

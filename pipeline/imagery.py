@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,8 @@ from pipeline.errors import (
     NoOverlapError,
     first_line,
 )
-from pipeline.fileio import block_windows, gdal_env, replace_dir
-from pipeline.formats import PAIR_JSON, PAIR_VERSION, VALID_TIF, checkpoint_native_gsd, encode_valid
+from pipeline.fileio import block_windows, gdal_env, replace_dir, temp_dir
+from pipeline.formats import PAIR_JSON, PAIR_VERSION, QA_USABLE, VALID_TIF, checkpoint_native_gsd, encode_valid
 from pipeline.pair import AlignedPair
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,16 @@ class _Epoch:
 def _list_sheets(folder: Path, role: str) -> list[Path]:
     if not folder.is_dir():
         raise MissingInputError(f"{folder}: {role} epoch folder not found; put its map sheets (*.tif) there")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SHEET_SUFFIXES)
+    paths = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in SHEET_SUFFIXES or p.name.startswith("."):
+            continue
+        if not p.is_file():  # a dangling or looping link, or a folder: never skipped quietly
+            what = "a link to nothing (or a loop of links)" if p.is_symlink() else "not a file"
+            raise CorruptFileError(f"{p}: {role} epoch sheet is {what}; replace it with the map sheet or remove it")
+        if not os.access(p, os.R_OK):
+            raise CorruptFileError(f"{p}: {role} epoch sheet is not readable (permissions); fix them (chmod a+r)")
+        paths.append(p)
     if not paths:
         raise MissingInputError(f"{folder}: {role} epoch folder holds no *.tif sheets; add the month's imagery")
     return paths
@@ -391,6 +399,77 @@ def model_resolution(settings: AlignSettings, detect: DetectSettings) -> float |
 AVERAGE_ABOVE = 1.25
 
 
+def _warn_outside(
+    boxes: dict[str, list[tuple[float, float, float, float]]],
+    epochs: dict[str, _Epoch],
+    transform: Affine,
+    width: int,
+    height: int,
+) -> None:
+    """Name on stderr the sheets that lie (mostly) outside the grid: the other epoch lacks them."""
+    import shapely
+
+    left, top = transform.c, transform.f
+    right, bottom = left + transform.a * width, top + transform.e * height
+    grid = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+    for role, epoch in epochs.items():
+        other = "current" if role == "prev" else "previous"
+        outside = []
+        for sheet, box in zip(epoch.sheets, boxes[role], strict=True):
+            area = shapely.box(*box)
+            if area.area > 0 and area.intersection(grid).area < 0.5 * area.area:
+                outside.append(sheet.path.name)
+        if outside:
+            log.warning(
+                "%s: sheet(s) %s lie outside the %s epoch's coverage, so the grid leaves them out; deliver the "
+                "%s epoch's missing sheets (or check the folder)",
+                epoch.folder,
+                ", ".join(outside),
+                other,
+                other,
+            )
+
+
+MAX_CLOUD_FRACTION = 0.5
+"""More of the sampled valid pixels than this bright and grey (cloud, haze, snow) in either epoch: unfit."""
+MIN_TEXTURED_FRACTION = 0.25
+"""Fewer of the sampled blocks than this textured enough to correlate: unfit (blank, blurred, washed out)."""
+CLOUD_LEVEL, CLOUD_CHROMA = 0.8, 0.08
+
+
+def usability(blocks: list[coregister.BlockShift], samples: list[coregister.Sample]) -> dict[str, Any]:
+    """qa.json ``usable``: whether the pair is fit for change detection, and why not.
+
+    ``cloud_fraction`` is the larger of the two epochs' share of sampled valid pixels that are bright
+    (grey level >= 0.8) and colourless (band range < 0.08): cloud, haze or snow. ``textured_fraction`` is
+    the share of sampled blocks (at least half valid) whose grey-level spread in both epochs reaches
+    :data:`pipeline.coregister.MIN_TEXTURE`.
+    """
+    cloud = 0.0
+    for epoch in (0, 1):
+        pixels = [s[epoch] for s in samples if s[epoch].shape[1]]
+        if pixels:
+            px = np.concatenate(pixels, axis=1)[:3]
+            bright = px.mean(axis=0) >= CLOUD_LEVEL
+            grey = (px.max(axis=0) - px.min(axis=0)) < CLOUD_CHROMA
+            cloud = max(cloud, float((bright & grey).mean()))
+    measured = [b for b in blocks if b.valid_fraction >= 0.5]
+    textured = sum(b.texture >= coregister.MIN_TEXTURE for b in measured) / len(measured) if measured else 0.0
+    reasons = []
+    if cloud > MAX_CLOUD_FRACTION:
+        reasons.append(f"{cloud:.0%} of the sampled pixels look like cloud or haze (limit {MAX_CLOUD_FRACTION:.0%})")
+    if textured < MIN_TEXTURED_FRACTION:
+        reasons.append(
+            f"only {textured:.0%} of the sampled blocks have texture (at least {MIN_TEXTURED_FRACTION:.0%} needed)"
+        )
+    return {
+        "ok": not reasons,
+        "reasons": reasons,
+        "cloud_fraction": round(cloud, 4),
+        "textured_fraction": round(float(textured), 4),
+    }
+
+
 def _align(
     prev_dir: Path,
     curr_dir: Path,
@@ -412,6 +491,7 @@ def _align(
     curr_ep = _Epoch(curr_ep.folder, "curr", curr_ep.sheets, curr_ep.count, curr_ep.dtype)
     _check_compatible(prev_ep, curr_ep)
     dst_crs, transform, width, height, boxes, delivery = _grid(prev_ep, curr_ep, settings, model_res)
+    _warn_outside(boxes, {"prev": prev_ep, "curr": curr_ep}, transform, width, height)
     resampling = settings.resampling
     if transform.a > AVERAGE_ABOVE * min(delivery.values()) and resampling in ("bilinear", "cubic", "lanczos"):
         resampling = "average"
@@ -464,8 +544,18 @@ def _align(
         luts = coregister.luts_from_samples(samples, levels=levels, max_pixels=HIST_SAMPLE)
         meta["luts"] = {"levels": levels, "prev": np.round(luts, 6).tolist()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    usable = usability(before, samples)
+    if not usable["ok"]:
+        log.warning(
+            "%s: imagery of %s -> %s unfit for analysis (%s); flags of this month may miss construction "
+            "(qa.json 'usable'); ask for a new delivery",
+            out_dir,
+            prev,
+            month,
+            "; ".join(usable["reasons"]),
+        )
+
+    tmp = temp_dir(out_dir)  # a killed run's folder is removed first
     try:
         with AlignedPair.from_meta(meta, out_dir) as pair:
             n_prev, n_curr, n_both = _valid_pass(pair, tmp)
@@ -490,6 +580,7 @@ def _align(
             "valid_fraction": round(valid_fraction, 6),
             "res": transform.a,
             "delivery_res": meta["delivery_res"],
+            QA_USABLE: usable,
             **qa,
         }
         residual = qa["residual_after_median_px"] if settings.coregister else qa["residual_before_median_px"]

@@ -59,7 +59,7 @@ from skimage.filters import apply_hysteresis_threshold
 
 from pipeline.config import VectorizeSettings, check_month
 from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
-from pipeline.fileio import atomic_path, block_windows
+from pipeline.fileio import atomic_paths, block_windows
 from pipeline.formats import (
     FLAG_COLUMNS,
     FLAG_FLOAT_COLUMNS,
@@ -278,11 +278,13 @@ def _join_layer(points: gpd.GeoSeries, path: Path, column: str) -> list[str]:
 
 
 def _write(gdf: gpd.GeoDataFrame, out_path: Path) -> None:
-    """Write the GeoPackage layer ``flags`` and the GeoParquet twin, each via a temporary file."""
-    with atomic_path(out_path) as tmp:
-        gdf.to_file(tmp, layer=FLAGS_LAYER, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-    with atomic_path(out_path.with_suffix(".parquet")) as tmp:
-        gdf.to_parquet(tmp, index=False)
+    """Write the GeoParquet twin and the GeoPackage layer ``flags`` as one generation (:func:`atomic_paths`).
+
+    Both are written to temporary files first; a failure (a full disk) leaves both previous files.
+    """
+    with atomic_paths([out_path.with_suffix(".parquet"), out_path]) as (parquet_tmp, gpkg_tmp):
+        gdf.to_parquet(parquet_tmp, index=False)
+        gdf.to_file(gpkg_tmp, layer=FLAGS_LAYER, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
 
 
 def vectorize_month(

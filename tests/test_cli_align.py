@@ -78,10 +78,10 @@ def test_bad_delivery_is_one_line_exit_2_and_writes_nothing(tmp_path, name, make
         [str(exe), "align", "--month", "2026-02"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("scarwatch align: error: ")
-    assert re.search(pattern, lines[0]), lines[0]
+    *warnings, error = proc.stderr.strip().splitlines()  # one error line, last; warnings (one line each) before it
+    assert all(w.startswith("WARNING ") for w in warnings), proc.stderr
+    assert error.startswith("scarwatch align: error: ")
+    assert re.search(pattern, error), error
     assert not (tmp_path / "interim" / "aligned" / "2026-02").exists()
     leftovers = list((tmp_path / "interim").rglob("*")) if (tmp_path / "interim").exists() else []
     assert [p for p in leftovers if p.is_file()] == []

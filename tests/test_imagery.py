@@ -433,3 +433,64 @@ def test_bad_month_and_missing_pair(tmp_path: Path) -> None:
         align_pair(tmp_path, tmp_path, tmp_path / "out", NO_COREG, month="2026-13", prev="2026-01")
     with pytest.raises(MissingInputError, match="no aligned pair .* run 'scarwatch align' first"):
         AlignedPair.open(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------- deliveries that degrade (issue 11)
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop", "folder"])
+def test_a_sheet_that_is_not_a_file_stops_the_month(tmp_path: Path, scene: np.ndarray, link: str) -> None:
+    _two_sheets(tmp_path / "prev", scene[:, :128, :256])
+    _two_sheets(tmp_path / "curr", scene[:, :128, :256])
+    bad = tmp_path / "curr" / "c.tif"
+    if link == "dangling":
+        bad.symlink_to(tmp_path / "gone.tif")
+    elif link == "loop":
+        bad.symlink_to(tmp_path / "curr" / "d.tif")
+        (tmp_path / "curr" / "d.tif").symlink_to(bad)
+    else:
+        bad.mkdir()
+    with pytest.raises(CorruptFileError, match=r"c\.tif: current epoch sheet is (a link to nothing|not a file)"):
+        _align(tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_sheet_stops_the_month(tmp_path: Path, scene: np.ndarray) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    _two_sheets(tmp_path / "prev", scene[:, :128, :256])
+    _two_sheets(tmp_path / "curr", scene[:, :128, :256])
+    (tmp_path / "curr" / "a.tif").chmod(0)
+    with pytest.raises(CorruptFileError, match="not readable"):
+        _align(tmp_path)
+
+
+def test_a_sheet_missing_from_one_epoch_is_named(
+    tmp_path: Path, scene: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    _two_sheets(tmp_path / "prev", scene[:, :128, :256])
+    write_tif(tmp_path / "curr" / "a.tif", scene[:, :128, :128])  # b.tif was not delivered this month
+    s = _align(tmp_path)
+    assert s.width == 128
+    assert "sheet(s) b.tif lie outside the current epoch's coverage" in caplog.text
+
+
+def test_cloud_and_flat_imagery_is_flagged_unusable(tmp_path: Path, scene: np.ndarray) -> None:
+    cloud = np.full((3, 256, 256), 245, np.uint8)
+    write_tif(tmp_path / "curr" / "c.tif", cloud)
+    write_tif(tmp_path / "prev" / "p.tif", scene[:, :256, :256])
+    _align(tmp_path, AlignSettings())  # type: ignore[call-arg]
+    usable = json.loads((tmp_path / "out" / "qa.json").read_text())["usable"]
+    assert usable["ok"] is False and usable["cloud_fraction"] == 1.0 and usable["textured_fraction"] == 0.0
+    assert any("cloud" in r for r in usable["reasons"]) and any("texture" in r for r in usable["reasons"])
+
+
+def test_good_imagery_is_usable(tmp_path: Path, scene: np.ndarray) -> None:
+    _two_sheets(tmp_path / "prev", scene[:, :256, :256])
+    _two_sheets(tmp_path / "curr", scene[:, :256, :256])
+    _align(tmp_path, AlignSettings())  # type: ignore[call-arg]
+    usable = json.loads((tmp_path / "out" / "qa.json").read_text())["usable"]
+    assert usable == {"ok": True, "reasons": [], "cloud_fraction": usable["cloud_fraction"], "textured_fraction": 1.0}
+    assert usable["cloud_fraction"] < 0.1

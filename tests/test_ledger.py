@@ -109,6 +109,7 @@ def run(tmp_path: Path, months: Sequence[str], out: str = "ledger.gpkg", **kw: f
     """Build the ledger of ``tmp_path`` (flags/ and raw/) for ``months``; return its path."""
     out_path = tmp_path / "processed" / out
     flags = sorted((tmp_path / "flags").glob("*.gpkg"))
+    (tmp_path / "raw").mkdir(exist_ok=True)
     build_ledger(flags, tmp_path / "raw", out_path, LedgerSettings.model_validate(kw), months=months)
     return out_path
 
@@ -371,7 +372,10 @@ def test_illegal_field_transition_writes_nothing(tmp_path: Path) -> None:
     ):
         run(tmp_path, ["2026-02"])
     assert out.read_bytes() == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ledger.gpkg"]  # no temp file left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "ledger.gpkg",
+        "ledger.log.jsonl",
+    ]  # no temp file left behind
 
 
 # -- alerts ------------------------------------------------------------------------------------------------
@@ -581,7 +585,7 @@ def test_failed_write_keeps_previous_ledger(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(ScarWatchError, match=r"ledger\.gpkg: cannot write the ledger \(No space left"):
         run(tmp_path, ["2026-02"])
     assert out.read_bytes() == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ledger.gpkg"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ledger.gpkg", "ledger.log.jsonl"]
 
 
 def test_inspector_may_confirm_a_permit_dismissal(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ def align_qa(after: list[tuple[float, float] | None], **values: Any) -> dict[str
     shifted = [block(128 * i, s) for i, s in enumerate(after)]
     top = {"month": MONTH, "prev": "2026-02", "max_shift_px": 8.0, "shift_applied_px": [0.5, -0.25]}
     top |= {"histogram_matching": True, "valid_fraction": 0.98, "res": 0.5, "delivery_res": {"prev": 0.5, "curr": 0.5}}
+    top |= {"usable": {"ok": True, "reasons": [], "cloud_fraction": 0.01, "textured_fraction": 1.0}}
     qa = {**top, **qa_report(before, shifted, coregister=True)}
     qa.update(values)
     assert list(qa) == [*QA_KEYS, QA_BLOCKS]
@@ -227,6 +228,7 @@ def test_qa_errors(built: dict[str, Any], tmp_path: Path) -> None:
                 ["valid_fraction", "0.98"],
                 ["res", "0.5"],
                 ["delivery_res", "prev 0.5, curr 0.5"],
+                ["usable", "ok True, reasons [], cloud_fraction 0.01, textured_fraction 1"],
                 ["coregister", "True"],
                 ["residual_before_median_px", "1.873"],
                 ["residual_after_median_px", "0.1"],
@@ -368,7 +370,7 @@ def test_headline_metrics_are_small_and_equal_the_figures(built: dict[str, Any])
         "checked_share": 1.0,
         "confirmed_share": 1.0,
     }
-    assert h["field_checked_share"] == 1.0 and h["overdue"] == 1 and h["imagery_usable"] is None
+    assert h["field_checked_share"] == 1.0 and h["overdue"] == 1 and h["imagery_usable"] is True  # qa says usable
 
 
 def test_trend_has_every_month_and_is_the_dvc_plot(built: dict[str, Any]) -> None:

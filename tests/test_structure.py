@@ -166,6 +166,9 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 # --------------------------------------------------------------------------- dvc.yaml against the code
 
 
+CLICK_DECORATORS = ("command", "group")
+
+
 def _cli_commands() -> dict[str, set[str]]:
     """``scarwatch`` subcommand name -> the pipeline modules its function imports."""
     tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
@@ -175,10 +178,13 @@ def _cli_commands() -> dict[str, set[str]]:
             continue
         name = None
         for dec in node.decorator_list:
-            if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr == "command":
+            if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr in CLICK_DECORATORS:
                 given = [a.value for a in dec.args if isinstance(a, ast.Constant)]
                 given += [k.value.value for k in dec.keywords if k.arg == "name" and isinstance(k.value, ast.Constant)]
                 name = given[0] if given else node.name
+                owner = dec.func.value
+                if isinstance(owner, ast.Name) and owner.id != "cli":  # a group's subcommand: "ledger build"
+                    name = f"{owner.id} {name}"
         if name is None:
             continue
         used = set()
@@ -224,7 +230,9 @@ def _subcommands(cmd: str) -> list[str]:
         words = part.split()
         if "scarwatch" in words:
             rest = [w for w in words[words.index("scarwatch") + 1 :] if not w.startswith("-")]
-            if rest:
+            if len(rest) > 1 and " ".join(rest[:2]) in _cli_commands():  # a group's subcommand
+                out.append(" ".join(rest[:2]))
+            elif rest:
                 out.append(rest[0])
     return out
 

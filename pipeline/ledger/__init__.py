@@ -1,8 +1,10 @@
 """The scar ledger (台账): an append-only event log of cases, folded through the lifecycle.
 
-Public API: :func:`build_ledger` (the ``ledger`` stage), :func:`read_ledger` and :func:`fold_state`
-(for the map and the report), :func:`load_month_view` (the ledger and flags cut at a month, which the map
-and the report read), :class:`LedgerSummary`, :data:`ALERT_TEXT`. Formats: docs/architecture.md.
+Public API: :func:`build_ledger` (the ``ledger`` stage; the live ledger is a store of record, see
+:mod:`pipeline.ledger.record`), :func:`rebuild_ledger` (replay and prove equal), :func:`read_ledger`
+and :func:`fold_state` (for the map and the report), :func:`load_month_view` (the ledger and flags cut
+at a month, which the map and the report read), :class:`LedgerSummary`, :data:`ALERT_TEXT`. Formats:
+docs/architecture.md.
 
 Choices, in one place (details in the modules):
 
@@ -19,7 +21,7 @@ Choices, in one place (details in the modules):
 """
 
 from pipeline.ledger.alerts import ALERT_TEXT
-from pipeline.ledger.build import LedgerSummary, build_ledger, fold_state
+from pipeline.ledger.build import LedgerSummary, RebuildSummary, build_ledger, fold_state, rebuild_ledger
 from pipeline.ledger.events import EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, SOURCES
 from pipeline.ledger.lifecycle import STATES, TRANSITIONS, allowed_kinds
 from pipeline.ledger.store import read_ledger
@@ -34,10 +36,12 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "LedgerSummary",
+    "RebuildSummary",
     "MonthView",
     "allowed_kinds",
     "build_ledger",
     "fold_state",
     "load_month_view",
     "read_ledger",
+    "rebuild_ledger",
 ]

@@ -11,14 +11,17 @@ Processing order (the log order, ``seq``):
       ``expanded``, ``rebuilt``; see :mod:`pipeline.ledger.matching`); else, inside a valid permit, a
       case that is opened and at once dismissed (``flagged`` then ``dismissed`` with source ``permit``,
       evidence ``layers/permits.gpkg:<permit_id>``, the case's ``permit_id`` set), so permitted
-      construction is on record and counted apart; else a new case in state ``warning``, id
-      ``SW-<YYYYMM>-<nnnn>`` numbered from 0001 in flag-id order (ids taken by seed cases are skipped);
+      construction is on record and counted apart; else a new case in state ``warning``. Its id is the
+      one the live ledger's registry gave the flag, else ``SW-<YYYYMM>-<nnnn>``, the next number (in
+      flag-id order) that no case ever had (seed, field and retired ids included): ids never move;
    b. ``removed`` flags by ``flag_id``: ``observed_removed`` on every matching case;
    c. the month's field updates in row order; an illegal transition raises IllegalTransitionError.
    d. Alerts are evaluated at the end of the month (see :mod:`pipeline.ledger.alerts`).
 
-Everything is read and checked first and the ledger is built in memory; it is written only when all of
-it succeeded, atomically, so an error leaves the previous ledger as it was.
+Everything is read and checked first and the ledger is built in memory; it replaces the live ledger only
+when it keeps every live event and case unchanged (:mod:`pipeline.ledger.record`) and all of it
+succeeded, atomically, so an error or a refusal leaves the previous ledger as it was.
+:func:`rebuild_ledger` replays the same way and proves the result equals the live ledger.
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ from pyproj import CRS
 
 from pipeline.config import LedgerSettings, check_month
 from pipeline.errors import ConfigError, MissingInputError
+from pipeline.ledger import record
 from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
 from pipeline.ledger.builder import LedgerBuilder
 from pipeline.ledger.lifecycle import STATES, fold_kinds
+from pipeline.ledger.record import Live
 from pipeline.ledger.store import (
+    FieldUpdate,
     check_crs,
     field_update_files,
     read_areas,
     read_field_updates,
     read_flags,
+    read_ledger,
     read_permits,
     read_seed_cases,
     write_ledger,
@@ -62,6 +69,7 @@ class LedgerSummary:
     states: dict[str, int]
     new_cases_by_month: dict[str, int]
     permitted_by_month: dict[str, int]
+    n_added: int = 0  # events not in the live ledger before this run
 
 
 def _flag_paths(flags_paths: Sequence[Path], months: Sequence[str]) -> dict[str, Path]:
@@ -85,49 +93,48 @@ def _flag_paths(flags_paths: Sequence[Path], months: Sequence[str]) -> dict[str,
     return out
 
 
-def build_ledger(
-    flags_paths: Sequence[Path],
-    raw_dir: Path,
-    out_path: Path,
-    settings: LedgerSettings,
-    *,
-    months: Sequence[str],
-) -> LedgerSummary:
-    """Rebuild the ledger from all its inputs and write it atomically to ``out_path``.
+@dataclass(frozen=True)
+class _Inputs:
+    """Every input of the ledger, read and checked."""
 
-    Args:
-        flags_paths: the flag GeoPackages, one ``<month>.gpkg`` per month of ``months`` (others ignored).
-        raw_dir: the raw input folder (``ledger/cases.gpkg``, ``layers/permits.gpkg``,
-            ``layers/streets.gpkg``, ``field_updates/<YYYY-MM>.csv``; each may be absent).
-        out_path: the ledger GeoPackage to write (layers ``events``, ``cases``, ``alerts``).
-        settings: ``ledger`` section of params.yaml.
-        months: the flag months to include, ``YYYY-MM``.
+    months: list[str]
+    flags: dict[str, gpd.GeoDataFrame]
+    flag_paths: dict[str, Path]
+    seeds: gpd.GeoDataFrame | None
+    seeds_path: Path
+    permits: gpd.GeoDataFrame
+    areas: gpd.GeoDataFrame | None
+    updates: dict[str, list[FieldUpdate]]
+    files: list[Path]
+    crs: CRS
 
-    Returns:
-        A :class:`LedgerSummary` of what was written.
 
-    Raises:
-        ConfigError: a month is malformed or repeated.
-        MissingInputError: a month's flags file is missing.
-        CRSError, CRSMismatchError: an input has no CRS or another CRS than the flags.
-        LedgerError: an input row is invalid (the message names file and row).
-        IllegalTransitionError: a field update its case's state does not allow.
-    """
-    raw_dir, out_path = Path(raw_dir), Path(out_path)
+def _read_inputs(flags_paths: Sequence[Path], raw_dir: Path, months: Sequence[str]) -> _Inputs:
+    """Read and check every input before any event is made."""
     try:
         months = sorted(check_month(m) for m in months)
     except ValueError as exc:
         raise ConfigError(f"build_ledger months: {exc}") from None
     if len(set(months)) != len(months):
         raise ConfigError(f"build_ledger months {months!r} lists a month twice; list each once")
-
-    # Read and check every input before any event is made.
+    if not raw_dir.is_dir():
+        raise MissingInputError(
+            f"{raw_dir}: the raw input folder (paths.raw in params.yaml) does not exist; fix paths.raw"
+        )
     paths = _flag_paths(flags_paths, months)
     flags = {m: read_flags(p, m) for m, p in paths.items()}
     crs: CRS | None = None
     for m, frame in flags.items():
         crs = check_crs(frame, paths[m], crs)
     seeds_path, permits_path = raw_dir / "ledger" / "cases.gpkg", raw_dir / "layers" / "permits.gpkg"
+    if not seeds_path.exists():
+        log.warning(
+            "%s: no seed ledger (%s); starting without seed cases",
+            seeds_path,
+            "no ledger/ folder" if not seeds_path.parent.is_dir() else "the folder has no cases.gpkg",
+        )
+    if not (raw_dir / "layers").is_dir():
+        log.warning("%s: no layers/ folder: no permits (no flag is treated as permitted), no districts", raw_dir)
     seeds = read_seed_cases(seeds_path)
     permits = read_permits(permits_path)
     areas, areas_path = read_areas(raw_dir / "layers")
@@ -142,18 +149,102 @@ def build_ledger(
     updates = {m: read_field_updates(p, m, f"field_updates/{p.name}") for m, p in field_files.items()}
     if permits is None:
         permits = gpd.GeoDataFrame({"permit_id": [], "valid_from": [], "valid_to": []}, geometry=[], crs=crs)
+    files = [*paths.values(), *field_files.values()]
+    files += [p for p in (seeds_path, permits_path, areas_path) if p.is_file()]
+    return _Inputs(months, flags, paths, seeds, seeds_path, permits, areas, updates, files, crs)
 
-    builder = LedgerBuilder(settings, areas)
-    if seeds is not None:
-        builder.seed(seeds, seeds_path)
-    for month in sorted(set(months) | set(updates)):
-        if month in flags:
-            builder.imagery(month, flags[month], permits, paths[month])
-        if month in updates:
-            builder.field(updates[month])
+
+def _replay(inputs: _Inputs, settings: LedgerSettings, live: Live) -> LedgerBuilder:
+    """Fold every input, in the processing order, into a fresh in-memory ledger."""
+    builder = LedgerBuilder(settings, inputs.areas, registry=live.registry, reserved=live.reserved)
+    if inputs.seeds is not None:
+        builder.seed(inputs.seeds, inputs.seeds_path)
+    for month in sorted(set(inputs.months) | set(inputs.updates)):
+        if month in inputs.flags:
+            builder.imagery(month, inputs.flags[month], inputs.permits, inputs.flag_paths[month])
+        if month in inputs.updates:
+            builder.field(inputs.updates[month])
         builder.evaluate_alerts(month)
-    events, cases, alerts = builder.frames(crs)
-    write_ledger(out_path, events, cases, alerts)
+    return builder
+
+
+def _input_log(inputs: _Inputs) -> dict[str, str]:
+    """Every input file by its SHA-256, for the audit log."""
+    return {str(p): record.file_digest(p) for p in inputs.files}
+
+
+def build_ledger(
+    flags_paths: Sequence[Path],
+    raw_dir: Path,
+    out_path: Path,
+    settings: LedgerSettings,
+    *,
+    months: Sequence[str],
+    allow_shrink: str | None = None,
+) -> LedgerSummary:
+    """Replay all the ledger's inputs, check the result keeps the live ledger whole, and write it atomically.
+
+    The live ledger at ``out_path`` (if any) is the record: every one of its events must come out of the
+    replay unchanged and every case must remain, else the run is refused (:mod:`pipeline.ledger.record`);
+    case ids come from its registry. Each run appends a line to the audit log beside it.
+
+    Args:
+        flags_paths: the flag GeoPackages, one ``<month>.gpkg`` per month of ``months`` (others ignored).
+        raw_dir: the raw input folder (``ledger/cases.gpkg``, ``layers/permits.gpkg``,
+            ``layers/streets.gpkg``, ``field_updates/<YYYY-MM>.csv``; each may be absent, with a warning).
+        out_path: the ledger GeoPackage (layers ``events``, ``cases``, ``alerts``, ``registry``).
+        settings: ``ledger`` section of params.yaml.
+        months: the flag months to include, ``YYYY-MM``.
+        allow_shrink: a reason; lets the run lose or change live events (recorded in the audit log).
+
+    Returns:
+        A :class:`LedgerSummary` of what was written.
+
+    Raises:
+        ConfigError: a month is malformed or repeated.
+        MissingInputError: a month's flags file or the raw folder is missing.
+        CRSError, CRSMismatchError: an input has no CRS or another CRS than the flags.
+        LedgerError: an input row is invalid (the message names file and row).
+        IllegalTransitionError: a field update its case's state does not allow.
+        LedgerShrinkError: the run would lose or change live events (and ``allow_shrink`` is not given).
+    """
+    raw_dir, out_path = Path(raw_dir), Path(out_path)
+    if allow_shrink is not None and not allow_shrink.strip():
+        raise ConfigError("--allow-shrink needs a reason (it is recorded in the ledger's audit log); give one")
+    with record.exclusive(out_path):
+        inputs = _read_inputs(flags_paths, raw_dir, months)
+        live = record.read_live(out_path)
+        builder = _replay(inputs, settings, live)
+        events, cases, alerts = builder.frames(inputs.crs)
+        d = record.diff(live, events, cases)
+        if not d.ok and allow_shrink is None:
+            raise record.refusal(d, ledger_path=out_path, months=inputs.months, raw_dir=raw_dir)
+        registry = record.merged_registry(live, events)
+        write_ledger(out_path, events, cases, alerts, registry)
+        entry: dict[str, object] = {
+            "command": "build",
+            "months": inputs.months,
+            "events": len(events),
+            "cases": len(cases),
+            "added": d.added,
+            "inputs": _input_log(inputs),
+        }
+        if not d.ok:
+            entry.update(
+                allow_shrink=allow_shrink,
+                lost_events=d.lost["event_id"].tolist() if not d.lost.empty else [],
+                lost_cases=d.lost_cases,
+                changed_events=[e for e, _ in d.changed],
+            )
+            log.warning(
+                "ledger: --allow-shrink %r: %d events and %d cases lost, %d events changed (recorded in %s)",
+                allow_shrink,
+                len(d.lost),
+                len(d.lost_cases),
+                len(d.changed),
+                record.log_path(out_path),
+            )
+        record.append_log(out_path, entry)
 
     states = {s: int((cases["state"] == s).sum()) for s in STATES}
     summary = LedgerSummary(
@@ -162,17 +253,97 @@ def build_ledger(
         n_events=len(events),
         n_alerts=len(alerts),
         states=states,
-        new_cases_by_month={m: builder.new_by_month[m] for m in months},
-        permitted_by_month={m: builder.permitted_by_month[m] for m in months},
+        new_cases_by_month={m: builder.new_by_month[m] for m in inputs.months},
+        permitted_by_month={m: builder.permitted_by_month[m] for m in inputs.months},
+        n_added=d.added,
     )
     log.info(
-        "ledger: %d cases (%s), %d events, %d alerts",
+        "ledger: %d cases (%s), %d events (%d new), %d alerts",
         summary.n_cases,
         ", ".join(f"{s} {n}" for s, n in states.items() if n),
         summary.n_events,
+        summary.n_added,
         summary.n_alerts,
     )
     return summary
+
+
+@dataclass(frozen=True)
+class RebuildSummary:
+    """What :func:`rebuild_ledger` found."""
+
+    ledger_path: Path
+    n_events: int
+    n_cases: int
+    equal: bool
+    differences: list[str]
+
+
+def rebuild_ledger(
+    flags_paths: Sequence[Path],
+    raw_dir: Path,
+    ledger_path: Path,
+    settings: LedgerSettings,
+    *,
+    months: Sequence[str],
+    out_path: Path | None = None,
+) -> RebuildSummary:
+    """Replay every input into a fresh ledger and compare it with the live one (which is never written).
+
+    The fresh ledger takes case ids from the live registry (ids are part of the record, not derived);
+    everything else (events in log order, ``seq`` included, cases and their state) must be equal. The
+    result is appended to the audit log; ``out_path`` also writes the fresh ledger there.
+
+    Raises:
+        MissingInputError: there is no live ledger to compare with.
+        the errors of :func:`build_ledger` for bad inputs.
+    """
+    raw_dir, ledger_path = Path(raw_dir), Path(ledger_path)
+    if not ledger_path.is_file():
+        raise MissingInputError(f"{ledger_path}: no live ledger to rebuild; run `scarwatch ledger build` first")
+    with record.exclusive(ledger_path):
+        inputs = _read_inputs(flags_paths, raw_dir, months)
+        live = record.read_live(ledger_path)
+        events, cases, alerts = _replay(inputs, settings, live).frames(inputs.crs)
+        _, live_cases, _ = read_ledger(ledger_path)
+        diffs = _differences(live.events, events, live_cases, cases)
+        if out_path is not None:
+            write_ledger(Path(out_path), events, cases, alerts, record.merged_registry(live, events))
+        record.append_log(
+            ledger_path,
+            {
+                "command": "rebuild",
+                "months": inputs.months,
+                "events": len(events),
+                "cases": len(cases),
+                "equal": not diffs,
+                "differences": diffs[:20],
+                "inputs": _input_log(inputs),
+            },
+        )
+    return RebuildSummary(ledger_path, len(events), len(cases), not diffs, diffs)
+
+
+def _differences(
+    live_events: pd.DataFrame, events: pd.DataFrame, live_cases: pd.DataFrame, cases: pd.DataFrame
+) -> list[str]:
+    """Every way the fresh ledger differs from the live one (empty when equal)."""
+    out: list[str] = []
+    a, b = live_events.set_index("event_id"), events.set_index("event_id")
+    out += [f"event {e} is only in the live ledger" for e in a.index.difference(b.index)]
+    out += [f"event {e} is only in the rebuild" for e in b.index.difference(a.index)]
+    both = a.index.intersection(b.index)
+    for col in ("seq", *record.COMPARED_COLUMNS):
+        x, y = a.loc[both, col].map(str), b.loc[both, col].map(str)
+        out += [f"event {e}: {col} {x[e]!r} in the live ledger, {y[e]!r} in the rebuild" for e in both[x != y]]
+    ca, cb = live_cases.set_index("case_id"), cases.set_index("case_id")
+    out += [f"case {c} is only in the live ledger" for c in ca.index.difference(cb.index)]
+    out += [f"case {c} is only in the rebuild" for c in cb.index.difference(ca.index)]
+    common = ca.index.intersection(cb.index)
+    for col in ("state", "deadline", "n_events", "first_month", "permit_id"):
+        x, y = ca.loc[common, col].map(str), cb.loc[common, col].map(str)
+        out += [f"case {c}: {col} {x[c]!r} in the live ledger, {y[c]!r} in the rebuild" for c in common[x != y]]
+    return out
 
 
 def fold_state(events: pd.DataFrame) -> str:

@@ -96,9 +96,21 @@ def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
 class LedgerBuilder:
     """Appends events in processing order and keeps each case's folded view current."""
 
-    def __init__(self, settings: LedgerSettings, areas: gpd.GeoDataFrame | None) -> None:
+    def __init__(
+        self,
+        settings: LedgerSettings,
+        areas: gpd.GeoDataFrame | None,
+        *,
+        registry: dict[str, str] | None = None,
+        reserved: frozenset[str] = frozenset(),
+    ) -> None:
         self.settings = settings
         self.areas = areas
+        # case ids are assigned once: opened_by (flag id, field file:row) -> the id it was given before;
+        # ``reserved`` holds every id ever assigned, so a new case never takes a retired or seed id
+        self.registry = dict(registry or {})
+        self.owner = {case_id: opener for opener, case_id in self.registry.items()}
+        self.reserved = set(reserved) | set(self.registry.values())
         self.events: list[Event] = []
         self.cases: dict[str, _Case] = {}
         self.index = FootprintIndex()
@@ -192,6 +204,11 @@ class LedgerBuilder:
                 raise LedgerError(f"{where}: case_id is empty; give every seed case an id")
             if case_id in self.cases:
                 raise LedgerError(f"{where}: case_id {case_id!r} occurs twice in the seed ledger; make ids unique")
+            if case_id in self.owner:
+                raise LedgerError(
+                    f"{where}: case_id {case_id!r} is already the id of the case opened by {self.owner[case_id]!r} "
+                    "in the ledger; give the seed case another id"
+                )
             state = "" if pd.isna(row.state) else str(row.state).strip()
             if state not in STATES:
                 raise LedgerError(f"{where}: state {state!r} is not a lifecycle state; use one of {', '.join(STATES)}")
@@ -223,6 +240,16 @@ class LedgerBuilder:
                     where=f"{where}: ",
                 )
 
+    def _assigned(self, opener: str, where: str) -> str:
+        """The id the registry gave the case ``opener`` opened ("" for a new case); refuse a taken one."""
+        case_id = self.registry.get(opener, "")
+        if case_id and case_id in self.cases:
+            raise LedgerError(
+                f"{where}: opens case {case_id!r} as recorded in the ledger's registry, but a seed case now has "
+                "that id; give the seed case another id"
+            )
+        return case_id
+
     # -- imagery ------------------------------------------------------------------------------------
     def imagery(self, month: str, flags: gpd.GeoDataFrame, permits: gpd.GeoDataFrame, path: Path) -> None:
         """Join a month's flags to the cases (observations, permitted or new cases)."""
@@ -245,10 +272,12 @@ class LedgerBuilder:
                     geometry=geom,
                 )
                 continue
-            case_id = ""
-            while not case_id or case_id in self.cases:
-                number += 1
-                case_id = f"SW-{month.replace('-', '')}-{number:04d}"
+            case_id = self._assigned(str(flag.flag_id), f"{path} flag {flag.flag_id}")
+            if not case_id:  # a new case: the next number no case ever had
+                while not case_id or case_id in self.cases or case_id in self.reserved:
+                    number += 1
+                    case_id = f"SW-{month.replace('-', '')}-{number:04d}"
+                self.reserved.add(case_id)
             district, street = str(flag.district), str(flag.street)
             if not district:
                 district, street = self._area_of(geom)
@@ -309,6 +338,13 @@ class LedgerBuilder:
         for u in updates:
             if u.case_id:
                 case = self.cases.get(u.case_id)
+                if case is None and u.case_id in self.reserved:
+                    opener = self.owner.get(u.case_id, "the seed ledger")
+                    raise LedgerError(
+                        f"{u.where}: case {u.case_id!r} is in the live ledger (opened by {opener!r}), but this run "
+                        "did not open it: its input is missing (a month removed from params.yaml 'months', flags "
+                        "re-made, the seed ledger changed); restore that input"
+                    )
                 if case is None:
                     raise LedgerError(
                         f"{u.where}: case {u.case_id!r} is not in the ledger (seed cases and cases opened by "
@@ -351,8 +387,12 @@ class LedgerBuilder:
         """
         assert u.x is not None and u.y is not None
         tag = u.month.replace("-", "")
-        number = 1 + sum(1 for c in self.cases if c.startswith(f"SW-{tag}-F"))
-        case_id = f"SW-{tag}-F{number:03d}"
+        case_id, number = self._assigned(u.evidence, u.where), 0
+        if not case_id:  # a new case: the next number no case ever had
+            while not case_id or case_id in self.cases or case_id in self.reserved:
+                number += 1
+                case_id = f"SW-{tag}-F{number:03d}"
+            self.reserved.add(case_id)
         geom = shapely.Point(u.x, u.y).buffer(self.settings.field_radius_m)
         district, street = self._area_of(geom)
         case = _Case(case_id, "illegal_construction", u.at, u.month, district, street)

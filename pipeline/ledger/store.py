@@ -52,7 +52,7 @@ FLAG_COLUMNS: tuple[str, ...] = (
 SEED_COLUMNS: tuple[str, ...] = ("case_id", "opened_at", "state", "category", "note", "deadline")
 PERMIT_COLUMNS: tuple[str, ...] = ("permit_id", "valid_from", "valid_to")
 
-LEDGER_FIX = "run the 'ledger' stage (`scarwatch ledger` or `dvc repro ledger`)"
+LEDGER_FIX = "run the 'ledger' stage (`scarwatch ledger build` or `dvc repro ledger`)"
 """What rebuilds the ledger GeoPackage, said in every error about it."""
 SEED_FIX = "fix the seed ledger: a GeoPackage with layer 'cases' and columns " + ", ".join(SEED_COLUMNS)
 PERMIT_FIX = "fix the permits: one polygon layer with columns " + ", ".join(PERMIT_COLUMNS)
@@ -230,10 +230,26 @@ def field_update_files(field_dir: Path) -> dict[str, Path]:
     Raises:
         LedgerError: a CSV there is not named after a month (its updates would otherwise be lost).
     """
-    if not field_dir.is_dir():
+    if not field_dir.exists():
+        log.warning("%s: no field-update folder; no field updates are applied", field_dir)
         return {}
+    if not field_dir.is_dir():
+        raise LedgerError(f"{field_dir}: is not a folder; field updates go in a folder of <YYYY-MM>.csv files")
     out: dict[str, Path] = {}
-    for path in sorted(field_dir.glob("*.csv")):
+    for path in sorted(field_dir.iterdir()):
+        if path.name.startswith((".", "~$")):  # editor lock and hidden files
+            log.debug("skipping %s", path)
+            continue
+        if path.suffix.lower() in (".xlsx", ".xls", ".ods"):
+            raise LedgerError(
+                f"{path}: field updates must be CSV; save the sheet as 'CSV UTF-8' named {path.stem}.csv "
+                "and remove this file"
+            )
+        if path.suffix != ".csv":
+            hint = f"rename it {path.stem}.csv" if path.suffix.lower() == ".csv" else "move it out of the folder"
+            raise LedgerError(f"{path}: not a field-update file (<YYYY-MM>.csv, lower-case .csv); {hint}")
+        if not path.is_file():
+            raise LedgerError(f"{path}: not a readable file (a folder, or a link to nothing); replace it with the CSV")
         out[check_month_name(path.stem, f"{path}: field updates must be named <YYYY-MM>.csv; file name")] = path
     return out
 
@@ -256,15 +272,19 @@ def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path}: not a readable UTF-8 CSV ({exc}); re-export it as CSV UTF-8") from exc
     except pd.errors.EmptyDataError:
-        log.warning("%s is empty: no field updates for %s", path, month)
+        log.warning("%s is empty: no field updates for %s (if they were lost, restore the file)", path, month)
         return []
     table.columns = [str(c).strip() for c in table.columns]
     _require_columns(table, ("at", "kind"), path, "field updates")
     has_xy = "x" in table.columns and "y" in table.columns
     if "case_id" not in table.columns and not has_xy:
         raise LedgerError(f"{path}: field updates need a 'case_id' column or 'x' and 'y' columns; add them")
+    if table.empty:
+        log.warning("%s holds a header but no rows: no field updates for %s", path, month)
+        return []
     start, end = f"{month}-01", f"{month}-31"
     updates: list[FieldUpdate] = []
+    seen: dict[tuple[object, ...], int] = {}
     for i, rec in enumerate(table.to_dict("records")):
         row = i + 2
         where = f"{path} row {row}"
@@ -293,6 +313,11 @@ def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]
                 raise LedgerError(f"{where}: x, y must be finite map coordinates; fix them")
         elif not cell.get("case_id"):
             raise LedgerError(f"{where}: neither case_id nor x,y is given; give the case id or its map coordinates")
+        key = (cell.get("case_id", ""), x, y, at, kind, cell.get("actor", ""), cell.get("note", ""), deadline)
+        if key in seen:  # the same fact twice (a pasted row): one event, the first row's
+            log.warning("%s: repeats row %d; applied once", where, seen[key])
+            continue
+        seen[key] = row
         updates.append(
             FieldUpdate(
                 source=source,
@@ -312,8 +337,17 @@ def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]
     return updates
 
 
-def write_ledger(out_path: Path, events: gpd.GeoDataFrame, cases: gpd.GeoDataFrame, alerts: gpd.GeoDataFrame) -> Path:
-    """Write the three layers to ``out_path`` atomically (temporary file, then :func:`os.replace`).
+def write_ledger(
+    out_path: Path,
+    events: gpd.GeoDataFrame,
+    cases: gpd.GeoDataFrame,
+    alerts: gpd.GeoDataFrame,
+    registry: gpd.GeoDataFrame | None = None,
+) -> Path:
+    """Write the layers to ``out_path`` atomically (temporary file, then :func:`os.replace`).
+
+    ``registry`` (every case id ever assigned and what opened it, see :mod:`pipeline.ledger.record`) is
+    the fourth layer when given.
 
     Returns:
         ``out_path``.
@@ -324,7 +358,10 @@ def write_ledger(out_path: Path, events: gpd.GeoDataFrame, cases: gpd.GeoDataFra
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:
-            for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
+            layers = list(zip(LAYERS, (events, cases, alerts), strict=True))
+            if registry is not None:
+                layers.append(("registry", registry))
+            for name, frame in layers:
                 frame.to_file(
                     tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="Unknown", promote_to_multi=False
                 )
@@ -349,7 +386,7 @@ def read_ledger(path: str | Path) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, g
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{path}: ledger not found; run `scarwatch ledger` (or `dvc repro ledger`) first")
+        raise MissingInputError(f"{path}: ledger not found; run `scarwatch ledger build` (or `dvc repro ledger`) first")
     frames = []
     for name in LAYERS:
         frame = read_layer(path, name, what="the ledger", fix=LEDGER_FIX)

@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.formats import PAIR_JSON, QA_BLOCK_AFTER, QA_BLOCKS, read_checkpoint
+from pipeline.formats import PAIR_JSON, QA_BLOCK_AFTER, QA_BLOCKS, QA_USABLE, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-QA_USABLE = "usable"
 """The qa.json key of the month's fitness verdict (``{"ok", "reasons", "cloud_fraction", "textured_fraction"}``)."""
 
 
