@@ -149,7 +149,7 @@ def test_minimal_map_without_layers_or_imagery(inputs: dict[str, Path], tmp_path
     )
     html = out.read_text(encoding="utf-8")
     layers = maps.embedded_geojson(html)
-    assert sorted(n.split(" ")[1] for n in layers) == ["Alerts", "Cases", "Flags"]
+    assert sorted(n.split(" ")[1] for n in layers) == ["Alerts", "Cases", "Earlier", "Flags"]  # earlier: February
     flags = _layer(layers, "本月图斑")
     assert sorted(f["properties"]["flag_id"] for f in flags) == sorted(FLAG_IDS[f] for f in ("F-0302", "F-0305"))
     assert "data:image" not in flags[0]["properties"]["popup"]
