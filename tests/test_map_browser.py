@@ -233,7 +233,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def browser() -> Iterator[Browser]:
-    with tempfile.TemporaryDirectory() as profile, Browser(Path(profile)) as b:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile, Browser(Path(profile)) as b:
         yield b
 
 
@@ -285,7 +285,8 @@ def test_a_click_on_a_flag_opens_its_popup_with_the_timeline(page: Path, browser
     text = browser.js("(document.querySelector('.leaflet-popup-content')||{}).textContent||''")
     assert FLAG_IDS["F-0301"] in text and "C-001" in text and "亩" in text
     assert "事件记录" in text and "flagged" in text
-    assert browser.js("document.querySelectorAll('.leaflet-popup-content img').length") == 2  # before/after chips
+    chips = "document.querySelectorAll('.leaflet-popup-content img[src^=\"data:image/jpeg\"]').length"
+    assert browser.js(chips) == 2  # before/after chips, set from the page's chip table
 
 
 def test_search_finds_a_case_and_pans(page: Path, browser: Browser) -> None:
@@ -411,3 +412,33 @@ def test_xss_payloads_stay_inert(tmp_path_factory: pytest.TempPathFactory, brows
     html = browser.js("document.body.innerText")
     assert "<script>alert(1)</script>" in html or "onerror" in html
     assert browser.errors() == []
+
+
+def test_an_alert_links_to_its_case_and_filters_hide_features(page: Path, browser: Browser) -> None:
+    browser.open(page, 1280, 900)
+    browser.js(
+        "(function(){var a=SW.all.alerts.find(x=>x.feature.properties.case_id==='C-008');"
+        "SW.map.setView(a.getLatLng(),18,{animate:false});a.openPopup();})()"
+    )
+    browser.idle(0.3)
+    link = browser.js(
+        "(function(){var r=document.querySelector('.leaflet-popup a.sw-go').getBoundingClientRect();"
+        "return [r.left + r.width / 2, r.top + r.height / 2];})()"
+    )
+    browser.click(*link)
+    browser.idle(0.4)
+    text = browser.js("document.querySelector('.leaflet-popup-content').textContent")
+    assert "案件 Case C-008" in text and "制止" in text
+    # the legend's state boxes filter the cases layer; the month filter the earlier flags
+    browser.js(
+        "(function(){var b=document.querySelector('.sw-filter[data-value=\"warning\"]');b.checked=false;"
+        "b.dispatchEvent(new Event('change'));})()"
+    )
+    states = browser.js(f"{LAYER_PROPS}('cases', 'state')")
+    assert "warning" not in states and len(states) == N_CASES_MONTH - 1  # C-001 is the one warning in March
+    browser.js("SW.monthSelect.value='2026-02'; SW.monthSelect.dispatchEvent(new Event('change'))")
+    assert browser.js(f"{LAYER_PROPS}('earlier', 'month')") == ["2026-02"]
+    assert_offline_and_clean(browser)
+
+
+LAYER_PROPS = "(function(k, p){return SW.layers[k].getLayers().map(l => l.feature.properties[p]);})"

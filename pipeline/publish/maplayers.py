@@ -114,7 +114,7 @@ def flag_features(
     view: MonthView,
     flags: gpd.GeoDataFrame,
     grid: gpd.GeoDataFrame | None,
-    chips: Mapping[str, tuple[str, str]],
+    chips: Mapping[str, str],
     prev_label: str = "",
 ) -> dict[str, Any]:
     """The flags as GeoJSON with a bilingual popup per feature.
@@ -133,7 +133,6 @@ def flag_features(
         kind = _text(row.kind)
         flag_id = _text(row.flag_id)
         state = states.get(case_id, "")
-        prev_chip, curr_chip = chips.get(flag_id, ("", ""))
         popup = macro(
             {
                 "flag_id": flag_id,
@@ -150,8 +149,7 @@ def flag_features(
                 "case_id": case_id,
                 "state": state,
                 "state_zh": STATE_ZH.get(state, ""),
-                "chip_prev": prev_chip,
-                "chip_curr": curr_chip,
+                "chip": chips.get(flag_id, ""),
                 "prev_label": prev_label,
                 "month": view.month,
                 "events": history.get(case_id, []),
@@ -173,12 +171,12 @@ def flag_features(
 def case_features(
     view: MonthView,
     grid: gpd.GeoDataFrame | None,
-    chips: Mapping[str, tuple[str, str]] | None = None,
+    chips: Mapping[str, str] | None = None,
     prev_label: str = "",
 ) -> dict[str, Any]:
     """The cases as GeoJSON, coloured by their state as of the month, with event history popups.
 
-    ``chips`` are the before/after chips of the cases, keyed by case id (:func:`mapimagery.make_chips`).
+    ``chips`` maps a case id to the key of its before/after chips in the page's chip table (``data-chip``).
     """
     chips = chips or {}
     history = _history(view.events)
@@ -203,8 +201,7 @@ def case_features(
                 "opened_at": _text(row.opened_at)[:10],
                 "deadline": _text(row.deadline)[:10],
                 "events": history.get(case_id, []),
-                "chip_prev": chips.get(case_id, ("", ""))[0],
-                "chip_curr": chips.get(case_id, ("", ""))[1],
+                "chip": chips.get(case_id, ""),
                 "prev_label": prev_label,
                 "month": view.month,
             }
@@ -284,10 +281,10 @@ def legend_html(title: str) -> str:
     )
 
 
-def alert_features(view: MonthView, chips: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+def alert_features(view: MonthView, chips: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The month's alerts as points (representative point of each alert's geometry), linked to their case.
 
-    ``chips`` are the before/after chips keyed by case id (an alert shows its case's).
+    ``chips`` maps a case id to its chip key (an alert shows its case's chips).
     """
     chips = chips or {}
     macro = _macro("alert_popup")
@@ -307,8 +304,7 @@ def alert_features(view: MonthView, chips: Mapping[str, tuple[str, str]] | None 
                             "kind_zh": ALERT_ZH.get(kind, ""),
                             "message_zh": _text(row.message_zh),
                             "message_en": _text(row.message_en),
-                            "chip_prev": chips.get(_text(row.case_id), ("", ""))[0],
-                            "chip_curr": chips.get(_text(row.case_id), ("", ""))[1],
+                            "chip": chips.get(_text(row.case_id), ""),
                             "month": view.month,
                         }
                     )

@@ -327,7 +327,7 @@ def build_map(
     if settings.imagery == "pyramid" and tiles_dir is not None:
         pyramid = read_pyramid(Path(tiles_dir))
 
-    chips: dict[str, tuple[str, str]] = {}
+    chips: dict[str, tuple[str, str]] = {}  # the page's chip table: key -> (before, after) data URLs
     case_chips: dict[str, tuple[str, str]] = {}
     overlay: Overlay | None = None
     prev_label = pyramid.prev if pyramid is not None else ""
@@ -344,9 +344,17 @@ def build_map(
                 str(c): STATE_COLORS.get(str(s), "#000")
                 for c, s in zip(view.cases["case_id"], view.cases["state_at"], strict=True)
             }
-            case_chips = make_chips(pair, view.cases, settings, id_column="case_id", colors=colors)
+            # a case whose flag is on the map shows that flag's chips there; chips for the others
+            seen = set(flags["case_id"].astype(str))
+            others = view.cases[~view.cases["case_id"].astype(str).isin(seen)]
+            case_chips = make_chips(pair, others, settings, id_column="case_id", colors=colors)
             if settings.imagery == "inline" or tiles_dir is None:
                 overlay = make_overlay(pair, settings)
+
+    flag_keys = {k: k for k in chips}
+    case_keys = {str(c): str(f) for f, c in zip(flags["flag_id"], flags["case_id"], strict=True) if c and f in chips}
+    case_keys |= {k: k for k in case_chips}
+    chips |= case_chips
 
     extent = pd.concat([g.geometry for g in (flags, view.cases, *outlines.values()) if len(g)])
     if not len(extent):
@@ -391,6 +399,7 @@ def build_map(
             name=f"{_label('prev_imagery', lang)} {prev_label}".strip(),
         )
         prev.add_to(fmap)
+        curr_layer, prev_layer = curr, prev  # before/after toggle (the swipe needs tile layers)
     if settings.tiles:
         folium.TileLayer(
             settings.tiles, attr=settings.tiles_attribution or settings.tiles, name="在线底图 Online tiles", max_zoom=22
@@ -425,19 +434,19 @@ def build_map(
             style_function=lambda f: {"color": "#8c6d31", "weight": 1.5, "dashArray": "3 3", "fillOpacity": 0.05},
         ).add_to(fmap)
     js_layers["cases"] = folium.GeoJson(
-        case_features(view, grid, case_chips, prev_label),
+        case_features(view, grid, case_keys, prev_label),
         name=f"{_label('cases', lang)} ({len(view.cases)})",
         on_each_feature=_popup_js(),
         style_function=lambda f: {"color": f["properties"]["color"], "weight": 2, "fillOpacity": 0.25},
     ).add_to(fmap)
     js_layers["flags"] = folium.GeoJson(
-        flag_features(view, flags, grid, chips, prev_label),
+        flag_features(view, flags, grid, flag_keys, prev_label),
         name=f"{_label('flags', lang)} {month} ({len(flags)})",
         on_each_feature=_popup_js(),
         style_function=lambda f: {"color": f["properties"]["color"], "weight": 3, "fillOpacity": 0.15},
     ).add_to(fmap)
     js_layers["alerts"] = folium.GeoJson(
-        alert_features(view, case_chips),
+        alert_features(view, case_keys),
         name=f"{_label('alerts', lang)} ({len(view.alerts)})",
         on_each_feature=_popup_js(),
         marker=folium.CircleMarker(radius=9, color=ALERT_COLOR, weight=3, fill=False),
@@ -453,7 +462,9 @@ def build_map(
     control = folium.LayerControl(collapsed=True)
     control.add_to(fmap)
     months = sorted({f["properties"]["month"] for f in earlier["features"]}, reverse=True)
-    fmap.add_child(_late_script(_init_js(fmap, control, js_layers, prev_layer, curr_layer, minimap, months, lang)))
+    fmap.add_child(
+        _late_script(_init_js(fmap, control, js_layers, prev_layer, curr_layer, minimap, months, lang, chips))
+    )
 
     out_html = Path(out_html)
     with atomic_path(out_html) as tmp:
@@ -471,6 +482,7 @@ def _init_js(
     minimap: tuple[str, int, int, Any] | None,
     months: list[str],
     lang: str,
+    chips: dict[str, tuple[str, str]],
 ) -> str:
     """The call that starts ``map_ui.js`` with the page's Leaflet objects (by their folium names)."""
 
@@ -494,7 +506,7 @@ def _init_js(
         f"map: {name(fmap)}, control: {name(control)}, layers: {{{layer_js}}}, "
         f"prev: {name(prev) if prev is not None else 'null'}, curr: {name(curr) if curr is not None else 'null'}, "
         f"minimap: {mini}, months: {_js_json(months)}, search: {_js_json(search)}, maxZoom: 22, "
-        f"text: {_js_json(text)}"
+        f"text: {_js_json(text)}, chips: {_js_json(chips)}"
         "});"
     )
 

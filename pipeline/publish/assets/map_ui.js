@@ -222,7 +222,9 @@
       };
       control("topleft", function (div) {
         div.classList.add("sw-epoch");
-        [["prev", T.before], ["curr", T.after], ["swipe", T.swipe]].forEach(function (m) {
+        var modes = [["prev", T.before], ["curr", T.after]];
+        if (cfg.prev.getContainer) { modes.push(["swipe", T.swipe]); }
+        modes.forEach(function (m) {
           button(div, m[1], m[1], function () { SW.show(m[0]); }).setAttribute("data-mode", m[0]);
         });
       }).addTo(map);
@@ -268,6 +270,17 @@
         SW.filter("earlier");
       });
     }
+
+    /* ---- before/after chips: one table in the page, set into a popup's images when it opens */
+    SW.chips = cfg.chips || {};
+    map.on("popupopen", function (e) {
+      var root = e.popup.getElement();
+      Array.prototype.forEach.call(root ? root.querySelectorAll("img[data-chip]") : [], function (img) {
+        var pair = SW.chips[img.getAttribute("data-chip")];
+        var url = pair ? pair[Number(img.getAttribute("data-epoch"))] : "";
+        if (url && url.indexOf("data:image/") === 0) { img.src = url; }
+      });
+    });
 
     /* ---- links from alerts and earlier flags to their case */
     L.DomEvent.on(document.body, "click", function (ev) {
