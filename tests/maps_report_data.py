@@ -321,3 +321,37 @@ class FakePair:
 def fake_open(pair: FakePair) -> Any:
     """A context manager yielding ``pair``, like ``AlignedPair.open``."""
     yield pair
+
+
+def build_fixture_map(root: Path, settings: Any = None, *, tiles: bool = True, xss: bool = False) -> Path:
+    """The map of :data:`MONTH` from :func:`write_inputs` under ``root``, imagery from a :class:`FakePair`.
+
+    With ``tiles`` the pyramid is built first (``<root>/maps/<month>_tiles``) and the page links it.
+    """
+    import pytest
+
+    from pipeline.config import MapSettings
+    from pipeline.publish import maps
+    from pipeline.publish.tiles import build_pyramid
+
+    inputs = write_inputs(root, xss=xss)
+    pair = FakePair()
+    pair.month = MONTH  # type: ignore[attr-defined]
+    tiles_dir = root / "maps" / f"{MONTH}_tiles"
+    if tiles:
+        build_pyramid(pair, tiles_dir, MapSettings(tiles_workers=1))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(maps, "_open_pair", lambda _d: fake_open(pair))
+    try:
+        return maps.build_map(
+            MONTH,
+            inputs["ledger"],
+            inputs["flags"],
+            root / "maps" / f"{MONTH}.html",
+            settings=settings or MapSettings(),
+            layers_dir=inputs["layers"],
+            pair_dir=root,
+            tiles_dir=tiles_dir if tiles else None,
+        )
+    finally:
+        mp.undo()

@@ -28,15 +28,10 @@ from maps_report_data import (
     N_CASES_MONTH,
     N_FLAGS_MONTH,
     XSS_CASE,
-    FakePair,
-    fake_open,
-    write_inputs,
+    build_fixture_map,
 )
 
-from pipeline.config import MapSettings
 from pipeline.ledger.view import load_month_view
-from pipeline.publish import maps
-from pipeline.publish.tiles import build_pyramid
 
 pytestmark = pytest.mark.browser
 
@@ -193,27 +188,7 @@ class Browser:
 
 def build_demo(root: Path, *, xss: bool = False) -> Path:
     """The demo month's map with its tile pyramid beside it (``<root>/maps/<month>.html``)."""
-    inputs = write_inputs(root, xss=xss)
-    pair = FakePair()
-    pair.month = MONTH  # type: ignore[attr-defined]
-    out = root / "maps" / f"{MONTH}.html"
-    tiles = root / "maps" / f"{MONTH}_tiles"
-    build_pyramid(pair, tiles, MapSettings(tiles_workers=1))
-    mp = pytest.MonkeyPatch()
-    mp.setattr(maps, "_open_pair", lambda _d: fake_open(pair))
-    try:
-        return maps.build_map(
-            MONTH,
-            inputs["ledger"],
-            inputs["flags"],
-            out,
-            settings=MapSettings(),
-            layers_dir=inputs["layers"],
-            pair_dir=root,
-            tiles_dir=tiles,
-        )
-    finally:
-        mp.undo()
+    return build_fixture_map(root, tiles=True, xss=xss)
 
 
 @pytest.fixture(scope="module")

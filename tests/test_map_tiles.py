@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from maps_report_data import MONTH, XSS_PAYLOADS, FakePair, fake_open, write_inputs
+from maps_report_data import MONTH, XSS_PAYLOADS, FakePair, build_fixture_map
 from PIL import Image
 
 from pipeline.config import MapSettings
@@ -109,27 +109,7 @@ def test_max_zoom_cap_and_jpeg(tmp_path: Path) -> None:
 
 
 def _page(root: Path, settings: MapSettings, *, tiles: bool, xss: bool = False) -> str:
-    inputs = write_inputs(root / "in", xss=xss)
-    pair = FakePair()
-    tiles_dir = root / "maps" / f"{MONTH}_tiles"
-    if tiles:
-        build_pyramid(pair, tiles_dir, MapSettings(tiles_workers=1))
-    mp = pytest.MonkeyPatch()
-    mp.setattr(maps, "_open_pair", lambda _d: fake_open(pair))
-    try:
-        out = maps.build_map(
-            MONTH,
-            inputs["ledger"],
-            inputs["flags"],
-            root / "maps" / f"{MONTH}.html",
-            settings=settings,
-            layers_dir=inputs["layers"],
-            pair_dir=root,
-            tiles_dir=tiles_dir if tiles else None,
-        )
-    finally:
-        mp.undo()
-    return out.read_text(encoding="utf-8")
+    return build_fixture_map(root, settings, tiles=tiles, xss=xss).read_text(encoding="utf-8")
 
 
 def test_the_page_links_its_pyramid_by_a_relative_path(tmp_path: Path) -> None:

@@ -363,7 +363,9 @@ def build_map(
     title = f"ScarWatch {month} " + {"zh": "巡查图", "en": "inspector map"}.get(lang, "巡查图 inspector map")
     fmap = _new_map((minx, miny, maxx, maxy), settings, title)
 
-    prev_layer = curr_layer = minimap = None
+    prev_layer: Any = None
+    curr_layer: Any = None
+    minimap: tuple[str, int, int, Any] | None = None
     if pyramid is not None:
         base = Path(out_html).resolve().parent
         bounds = [[pyramid.bounds[1], pyramid.bounds[0]], [pyramid.bounds[3], pyramid.bounds[2]]]
