@@ -260,8 +260,14 @@ def test_a_click_on_a_flag_opens_its_popup_with_the_timeline(page: Path, browser
     text = browser.js("(document.querySelector('.leaflet-popup-content')||{}).textContent||''")
     assert FLAG_IDS["F-0301"] in text and "C-001" in text and "亩" in text
     assert "事件记录" in text and "flagged" in text
-    chips = "document.querySelectorAll('.leaflet-popup-content img[src^=\"data:image/jpeg\"]').length"
-    assert browser.js(chips) == 2  # before/after chips, set from the page's chip table
+    browser.idle(0.5)
+    chips = browser.js(  # before/after chips cut from the pyramid's tiles, the flag's outline over them
+        "Array.from(document.querySelectorAll('.leaflet-popup-content .sw-chip')).map(c => ["
+        "Array.from(c.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth === 256).length,"
+        "c.querySelectorAll('svg path').length, Array.from(c.querySelectorAll('img')).map(i => i.src)])"
+    )
+    assert len(chips) == 2 and all(n >= 1 and paths == 1 for n, paths, _ in chips), chips
+    assert "/prev/" in chips[0][2][0] and "/curr/" in chips[1][2][0]
 
 
 def test_search_finds_a_case_and_pans(page: Path, browser: Browser) -> None:

@@ -276,6 +276,39 @@ def _outline_style(color: str, weight: float) -> Any:
     return lambda _f: {"color": color, "weight": weight, "fill": False, "opacity": 0.9}
 
 
+def _embedded_imagery(
+    pair_dir: Path | None, view: Any, flags: gpd.GeoDataFrame, settings: MapSettings
+) -> tuple[dict[str, tuple[str, str]], dict[str, str], dict[str, str], Overlay | None, str]:
+    """Chips (and the overlay) embedded in the page, for a map without a tile pyramid.
+
+    Returns:
+        (chip table key -> (before, after) data URLs, flag id -> key, case id -> key, overlay, prev month).
+    """
+    if pair_dir is None:
+        return {}, {}, {}, None, ""
+    crs = view.cases.crs
+    with _open_pair(Path(pair_dir)) as pair:
+        if not crs.equals(pair.crs):
+            raise CRSMismatchError(
+                f"{pair_dir} is not in the flags' CRS {crs.to_string()!r}; vectorize the flags from this aligned pair"
+            )
+        prev_label = str(getattr(pair, "prev", "") or "")
+        chips = make_chips(pair, flags, settings)
+        colors = {
+            str(c): STATE_COLORS.get(str(s), "#000")
+            for c, s in zip(view.cases["case_id"], view.cases["state_at"], strict=True)
+        }
+        # a case whose flag is on the map shows that flag's chips; chips are made for the others
+        seen = set(flags["case_id"].astype(str))
+        others = view.cases[~view.cases["case_id"].astype(str).isin(seen)]
+        case_chips = make_chips(pair, others, settings, id_column="case_id", colors=colors)
+        overlay = make_overlay(pair, settings)
+    flag_keys = {k: k for k in chips}
+    case_keys = {str(c): str(f) for f, c in zip(flags["flag_id"], flags["case_id"], strict=True) if c and f in chips}
+    case_keys |= {k: k for k in case_chips}
+    return chips | case_chips, flag_keys, case_keys, overlay, prev_label
+
+
 def build_map(
     month: str,
     ledger_path: Path,
@@ -297,7 +330,8 @@ def build_map(
         settings: the ``map`` section of params.yaml.
         layers_dir: folder with ``districts.gpkg``, ``streets.gpkg``, ``grid.gpkg`` (outlines, 网格 units)
             and ``permits.gpkg``.
-        pair_dir: the month's aligned pair folder, for the before/after chips (and the inline overlay).
+        pair_dir: the month's aligned pair folder, for the embedded chips and overlay of a page without
+            a pyramid (with one, the page cuts every popup's chips from the pyramid's tiles).
         tiles_dir: the month's tile pyramid (:func:`pipeline.publish.tiles.build_pyramid`), used when
             ``settings.imagery`` is ``"pyramid"``; the page links to it by a relative path.
 
@@ -327,34 +361,14 @@ def build_map(
     if settings.imagery == "pyramid" and tiles_dir is not None:
         pyramid = read_pyramid(Path(tiles_dir))
 
-    chips: dict[str, tuple[str, str]] = {}  # the page's chip table: key -> (before, after) data URLs
-    case_chips: dict[str, tuple[str, str]] = {}
-    overlay: Overlay | None = None
-    prev_label = pyramid.prev if pyramid is not None else ""
-    if pair_dir is not None:
-        with _open_pair(Path(pair_dir)) as pair:
-            if not crs.equals(pair.crs):
-                raise CRSMismatchError(
-                    f"{pair_dir} is not in the flags' CRS {crs.to_string()!r}; "
-                    "vectorize the flags from this aligned pair"
-                )
-            prev_label = str(getattr(pair, "prev", "") or "")
-            chips = make_chips(pair, flags, settings)
-            colors = {
-                str(c): STATE_COLORS.get(str(s), "#000")
-                for c, s in zip(view.cases["case_id"], view.cases["state_at"], strict=True)
-            }
-            # a case whose flag is on the map shows that flag's chips there; chips for the others
-            seen = set(flags["case_id"].astype(str))
-            others = view.cases[~view.cases["case_id"].astype(str).isin(seen)]
-            case_chips = make_chips(pair, others, settings, id_column="case_id", colors=colors)
-            if settings.imagery == "inline" or tiles_dir is None:
-                overlay = make_overlay(pair, settings)
-
-    flag_keys = {k: k for k in chips}
-    case_keys = {str(c): str(f) for f, c in zip(flags["flag_id"], flags["case_id"], strict=True) if c and f in chips}
-    case_keys |= {k: k for k in case_chips}
-    chips |= case_chips
+    if pyramid is not None:  # every popup's chips are cut from the pyramid in the browser ("@")
+        chips: dict[str, tuple[str, str]] = {}
+        flag_keys = dict.fromkeys(flags["flag_id"].astype(str), "@")
+        case_keys = dict.fromkeys(view.cases["case_id"].astype(str), "@")
+        overlay: Overlay | None = None
+        prev_label = pyramid.prev
+    else:
+        chips, flag_keys, case_keys, overlay, prev_label = _embedded_imagery(pair_dir, view, flags, settings)
 
     extent = pd.concat([g.geometry for g in (flags, view.cases, *outlines.values()) if len(g)])
     if not len(extent):
@@ -366,6 +380,7 @@ def build_map(
     prev_layer: Any = None
     curr_layer: Any = None
     minimap: tuple[str, int, int, Any] | None = None
+    chip_tiles: dict[str, Any] | None = None
     if pyramid is not None:
         base = Path(out_html).resolve().parent
         bounds = [[pyramid.bounds[1], pyramid.bounds[0]], [pyramid.bounds[3], pyramid.bounds[2]]]
@@ -389,6 +404,12 @@ def build_map(
             layers.append(layer)
         curr_layer, prev_layer = layers
         minimap = (pyramid.url("curr", base), pyramid.minzoom, pyramid.maxzoom, bounds)
+        chip_tiles = {
+            "urls": [pyramid.url("prev", base), pyramid.url("curr", base)],
+            "minzoom": pyramid.minzoom,
+            "maxzoom": pyramid.maxzoom,
+            "bounds": bounds,
+        }
     elif overlay is not None:
         curr = folium.raster_layers.ImageOverlay(
             overlay.curr_url, bounds=overlay.bounds, name=f"{_label('imagery', lang)} {month}", opacity=1.0
@@ -465,7 +486,9 @@ def build_map(
     control.add_to(fmap)
     months = sorted({f["properties"]["month"] for f in earlier["features"]}, reverse=True)
     fmap.add_child(
-        _late_script(_init_js(fmap, control, js_layers, prev_layer, curr_layer, minimap, months, lang, chips))
+        _late_script(
+            _init_js(fmap, control, js_layers, prev_layer, curr_layer, minimap, months, lang, chips, chip_tiles)
+        )
     )
 
     out_html = Path(out_html)
@@ -485,6 +508,7 @@ def _init_js(
     months: list[str],
     lang: str,
     chips: dict[str, tuple[str, str]],
+    chip_tiles: dict[str, Any] | None,
 ) -> str:
     """The call that starts ``map_ui.js`` with the page's Leaflet objects (by their folium names)."""
 
@@ -508,7 +532,7 @@ def _init_js(
         f"map: {name(fmap)}, control: {name(control)}, layers: {{{layer_js}}}, "
         f"prev: {name(prev) if prev is not None else 'null'}, curr: {name(curr) if curr is not None else 'null'}, "
         f"minimap: {mini}, months: {_js_json(months)}, search: {_js_json(search)}, maxZoom: 22, "
-        f"text: {_js_json(text)}, chips: {_js_json(chips)}"
+        f"text: {_js_json(text)}, chips: {_js_json(chips)}, chipTiles: {_js_json(chip_tiles)}"
         "});"
     )
 

@@ -71,6 +71,63 @@
     return layer.getBounds ? layer.getBounds() : L.latLngBounds([layer.getLatLng(), layer.getLatLng()]);
   }
 
+  /* A 128 px before/after chip of a feature, from the tiles of the pyramid (no image data in the page):
+   * the deepest zoom at which the feature and a margin fit, tiles placed around its centre, its outline
+   * drawn over them as SVG (coordinates only, no markup from data). */
+  function tileChip(t, epoch, layer) {
+    var size = 128, svgNS = "http://www.w3.org/2000/svg";
+    var b = layer.getBounds ? layer.getBounds() : layer.getLatLng().toBounds(60);
+    var pad = b.pad(0.6), z = t.maxzoom, span = 0;
+    for (; z >= t.minzoom; z--) {
+      var p1 = SW.map.project(pad.getNorthWest(), z), p2 = SW.map.project(pad.getSouthEast(), z);
+      span = Math.max(p2.x - p1.x, p2.y - p1.y, 1);
+      if (span <= size || z === t.minzoom) { break; }
+    }
+    var scale = Math.min(4, Math.max(1, size / span)), view = size / scale;
+    var c = SW.map.project(b.getCenter(), z), x0 = c.x - view / 2, y0 = c.y - view / 2;
+    var lo = SW.map.project(L.latLng(t.bounds[1][0], t.bounds[0][1]), z).divideBy(256).floor();
+    var hi = SW.map.project(L.latLng(t.bounds[0][0], t.bounds[1][1]), z).divideBy(256).floor();
+    var outer = el("div", "sw-chip"), inner = el("div", "sw-chip-inner", null, outer);
+    outer.style.width = outer.style.height = size + "px";
+    inner.style.width = inner.style.height = view + "px";
+    inner.style.transform = "scale(" + scale + ")";
+    var url = t.urls[epoch];
+    for (var tx = Math.floor(x0 / 256); tx <= Math.floor((x0 + view) / 256); tx++) {
+      for (var ty = Math.floor(y0 / 256); ty <= Math.floor((y0 + view) / 256); ty++) {
+        if (tx < lo.x || tx > hi.x || ty < lo.y || ty > hi.y) { continue; }  /* outside the pyramid */
+        var img = el("img", null, null, inner);
+        img.alt = "";
+        img.src = url.replace("{z}", z).replace("{x}", tx).replace("{y}", ty);
+        img.style.left = (tx * 256 - x0) + "px";
+        img.style.top = (ty * 256 - y0) + "px";
+      }
+    }
+    if (layer.getLatLngs) {
+      var svg = document.createElementNS(svgNS, "svg"), d = "";
+      svg.setAttribute("width", view); svg.setAttribute("height", view);
+      var rings = layer.getLatLngs();
+      (function walk(r) {
+        if (!r.length) { return; }
+        if (r[0] instanceof L.LatLng) {
+          r.forEach(function (ll, i) {
+            var p = SW.map.project(ll, z);
+            d += (i ? "L" : "M") + (p.x - x0).toFixed(1) + " " + (p.y - y0).toFixed(1);
+          });
+          d += "Z";
+        } else { r.forEach(walk); }
+      }(rings));
+      var path = document.createElementNS(svgNS, "path");
+      path.setAttribute("d", d);
+      path.setAttribute("fill", "none");
+      path.setAttribute("stroke", String(layer.options.color || "#ff0"));
+      path.setAttribute("stroke-width", String(2 / scale));
+      svg.appendChild(path);
+      inner.appendChild(svg);
+    }
+    SW.tileChips = (SW.tileChips || 0) + 1;
+    return outer;
+  }
+
   SW.init = function (cfg) {
     var map = cfg.map, T = cfg.text;
     SW.map = map;
@@ -274,10 +331,15 @@
     /* ---- before/after chips: one table in the page, set into a popup's images when it opens */
     SW.chips = cfg.chips || {};
     map.on("popupopen", function (e) {
-      var root = e.popup.getElement();
+      var root = e.popup.getElement(), source = e.popup._source;
       Array.prototype.forEach.call(root ? root.querySelectorAll("img[data-chip]") : [], function (img) {
-        var pair = SW.chips[img.getAttribute("data-chip")];
-        var url = pair ? pair[Number(img.getAttribute("data-epoch"))] : "";
+        var key = img.getAttribute("data-chip"), epoch = Number(img.getAttribute("data-epoch"));
+        if (key === "@" && cfg.chipTiles && source) {  /* cut from the tile pyramid beside the page */
+          img.parentNode.replaceChild(tileChip(cfg.chipTiles, epoch, source), img);
+          return;
+        }
+        var pair = SW.chips[key];
+        var url = pair ? pair[epoch] : "";
         if (url && url.indexOf("data:image/") === 0) { img.src = url; }
       });
     });
