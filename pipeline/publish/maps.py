@@ -170,6 +170,33 @@ def _raw(text: str) -> Any:
     return Raw()
 
 
+_POPUPS_ID = "sw-popups"
+
+
+class _Popups:
+    """The page's popup table: every feature's popup HTML once, in a JSON data block, not in the GeoJSON.
+
+    Inside the GeoJSON (a script), folium's ``tojson`` writes each ``<``, ``>`` and Chinese character as a
+    6-byte unicode escape; in a ``<script type="application/json">`` block only ``</`` and ``<!--`` need one,
+    so popups cost about half. Features keep the index ``pi``; ``map_ui.js`` binds the text lazily.
+    """
+
+    def __init__(self) -> None:
+        self.table: list[str] = []
+
+    def take(self, collection: dict[str, Any]) -> dict[str, Any]:
+        for feature in collection["features"]:
+            props = feature["properties"]
+            if "popup" in props:
+                props["pi"] = len(self.table)
+                self.table.append(props.pop("popup"))
+        return collection
+
+    def script(self) -> str:
+        text = json.dumps(self.table, ensure_ascii=False).replace("</", "<\\/").replace("<!--", "<\\u0021--")
+        return f'<script type="application/json" id="{_POPUPS_ID}">{text}</script>'
+
+
 def _late_script(text: str) -> Any:
     """A map child that appends ``text`` to the page's script when rendered, after the children before it."""
     from branca.element import Element
@@ -428,6 +455,7 @@ def build_map(
             settings.tiles, attr=settings.tiles_attribution or settings.tiles, name="在线底图 Online tiles", max_zoom=22
         ).add_to(fmap)
 
+    popups = _Popups()
     styles = {"districts": ("#333333", 2.5), "streets": ("#555555", 1.5), "grid": ("#7f7f7f", 0.8)}
     labels = {"districts": "district", "streets": "street", "grid": "cell_id"}
     js_layers: dict[str, Any] = {}
@@ -441,13 +469,13 @@ def build_map(
         ).add_to(fmap)
     if permits is not None:
         js_layers["permits"] = folium.GeoJson(
-            permit_features(permits, month),
+            popups.take(permit_features(permits, month)),
             name=f"{_label('permits', lang)} ({len(permits)})",
             on_each_feature=_popup_js(),
             show=False,
             style_function=lambda f: {"color": "#00a6a6", "weight": 2, "dashArray": "6 4", "fillOpacity": 0.05},
         ).add_to(fmap)
-    earlier = earlier_flag_features(view)
+    earlier = popups.take(earlier_flag_features(view))
     if earlier["features"]:
         js_layers["earlier"] = folium.GeoJson(
             earlier,
@@ -457,19 +485,19 @@ def build_map(
             style_function=lambda f: {"color": "#8c6d31", "weight": 1.5, "dashArray": "3 3", "fillOpacity": 0.05},
         ).add_to(fmap)
     js_layers["cases"] = folium.GeoJson(
-        case_features(view, grid, case_keys, prev_label),
+        popups.take(case_features(view, grid, case_keys, prev_label)),
         name=f"{_label('cases', lang)} ({len(view.cases)})",
         on_each_feature=_popup_js(),
         style_function=lambda f: {"color": f["properties"]["color"], "weight": 2, "fillOpacity": 0.25},
     ).add_to(fmap)
     js_layers["flags"] = folium.GeoJson(
-        flag_features(view, flags, grid, flag_keys, prev_label),
+        popups.take(flag_features(view, flags, grid, flag_keys, prev_label)),
         name=f"{_label('flags', lang)} {month} ({len(flags)})",
         on_each_feature=_popup_js(),
         style_function=lambda f: {"color": f["properties"]["color"], "weight": 3, "fillOpacity": 0.15},
     ).add_to(fmap)
     js_layers["alerts"] = folium.GeoJson(
-        alert_features(view, case_keys),
+        popups.take(alert_features(view, case_keys)),
         name=f"{_label('alerts', lang)} ({len(view.alerts)})",
         on_each_feature=_popup_js(),
         marker=folium.CircleMarker(radius=9, color=ALERT_COLOR, weight=3, fill=False),
@@ -481,7 +509,7 @@ def build_map(
         f"{int((flags['kind'] == 'new').sum())} 新增 new, {int((flags['kind'] == 'removed').sum())} 消失 removed</div>"
     )
     root: Any = fmap.get_root()
-    root.html.add_child(_raw(legend + header), name="scarwatch_legend")
+    root.html.add_child(_raw(legend + header + popups.script()), name="scarwatch_legend")
     control = folium.LayerControl(collapsed=True)
     control.add_to(fmap)
     months = sorted({f["properties"]["month"] for f in earlier["features"]}, reverse=True)
@@ -544,7 +572,8 @@ def embedded_geojson(html: str) -> dict[str, dict[str, Any]]:
         html: a page written by :func:`build_map`.
 
     Returns:
-        ``{layer name: FeatureCollection}`` in layer order (for tests and checks of a written map).
+        ``{layer name: FeatureCollection}`` in layer order (for tests and checks of a written map), each
+        feature's popup HTML back in its ``popup`` property.
     """
     decoder = json.JSONDecoder()
     data: dict[str, dict[str, Any]] = {}
@@ -552,4 +581,10 @@ def embedded_geojson(html: str) -> dict[str, dict[str, Any]]:
         data[match.group(1)], _ = decoder.raw_decode(html, match.end() - 1)
     block = re.search(r"overlays\s*:\s*\{(.*?)\}", html, flags=re.S)
     names = re.findall(r'("(?:[^"\\]|\\.)*")\s*:\s*(\w+)', block.group(1)) if block else []
+    table = re.search(rf'<script type="application/json" id="{_POPUPS_ID}">(.*?)</script>', html, flags=re.S)
+    popups = json.loads(table.group(1)) if table else []
+    for collection in data.values():
+        for feature in collection["features"]:
+            if "pi" in feature["properties"]:
+                feature["properties"]["popup"] = popups[feature["properties"]["pi"]]
     return {json.loads(name): data[var] for name, var in names if var in data}

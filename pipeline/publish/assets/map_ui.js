@@ -39,8 +39,14 @@
   }
 
   /* Popups that fit the screen: called by every GeoJSON layer's onEachFeature (before init runs). */
+  var popupTable = null;
+  function popupText(feature) {
+    if (feature.properties.pi === undefined) { return String(feature.properties.popup || ""); }
+    if (!popupTable) { popupTable = JSON.parse(document.getElementById("sw-popups").textContent); }
+    return popupTable[feature.properties.pi];
+  }
   SW.popup = function (feature, layer) {
-    layer.bindPopup(feature.properties.popup, {
+    layer.bindPopup(function () { return popupText(feature); }, {
       maxWidth: Math.min(420, window.innerWidth - 40),
       minWidth: Math.min(260, window.innerWidth - 60),
       maxHeight: Math.round(window.innerHeight * (PHONE() ? 0.55 : 0.7)),
