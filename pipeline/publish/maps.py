@@ -1,15 +1,18 @@
-"""The inspector map: one self-contained, offline folium page per month.
+"""The inspector map: one offline folium page per month, its imagery a tile pyramid beside it.
 
-Inspectors open the page on office networks without internet, so nothing is fetched at view time:
-Leaflet's JS and CSS come from the ``xstatic-leaflet`` package at build time and are inlined, folium's
-CDN lists (jQuery, Bootstrap, awesome-markers) are dropped, and the ground is shown by a downsampled
-image overlay of the month's aligned imagery instead of web tiles. Layers (toggled by a LayerControl):
-imagery (after, before), the month's flags (new red, removed blue), cases coloured by their lifecycle
-state as of the month, the month's alerts, and district/street/grid outlines.
+Inspectors open the page from a USB stick or a shared folder without internet, so nothing is fetched
+from the network: Leaflet's JS and CSS come from the ``xstatic-leaflet`` package, the swipe and minimap
+plugins from ``assets/vendor`` (npm packages with their licences) and the page's own controls from
+``assets/map_ui.js``, all inlined; folium's CDN lists are dropped. The ground is the month's tile
+pyramid (:mod:`pipeline.publish.tiles`, relative URLs into ``<month>_tiles/``), or, with
+``map.imagery: inline`` or without a pyramid, a downsampled overlay embedded in the page. Layers:
+imagery (after, before; toggle and swipe), districts, streets, grid cells, permits, earlier months'
+flags, cases coloured by their state as of the month, this month's flags and alerts. Popups are HTML
+escaped at build time and kept once in a JSON data block; outline names are set as text.
 
 Geometries stay in the grid CRS until the folium boundary, where they are reprojected to EPSG:4326.
-The month's view of the ledger is :func:`pipeline.ledger.view.load_month_view`, the imagery overlay and
-chips are in :mod:`pipeline.publish.mapimagery`, the GeoJSON layers, legend and colours in
+The month's view of the ledger is :func:`pipeline.ledger.view.load_month_view`, the overlay and
+embedded chips are in :mod:`pipeline.publish.mapimagery`, the GeoJSON layers, legend and colours in
 :mod:`pipeline.publish.maplayers`, the Chinese names in :mod:`pipeline.ledger.labels`.
 """
 
