@@ -423,3 +423,23 @@ def test_an_alert_links_to_its_case_and_filters_hide_features(page: Path, browse
 
 
 LAYER_PROPS = "(function(k, p){return SW.layers[k].getLayers().map(l => l.feature.properties[p]);})"
+
+
+def test_single_file_mode_renders_offline(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> None:
+    from pipeline.config import MapSettings
+
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium")
+    page = build_fixture_map(tmp_path_factory.mktemp("inline"), MapSettings(imagery="inline"), tiles=False)
+    browser.open(page, 1280, 900)
+    assert browser.js("document.querySelectorAll('.leaflet-image-layer').length") == 1
+    assert browser.js("Array.from(document.querySelectorAll('.sw-epoch .sw-btn')).map(b => b.dataset.mode)") == [
+        "prev",
+        "curr",
+    ]  # no swipe over image overlays
+    x, y = flag_point(browser, FLAG_IDS["F-0301"])
+    browser.click(x, y)
+    browser.idle(0.4)
+    chips = "document.querySelectorAll('.leaflet-popup-content img[src^=\"data:image/jpeg\"]').length"
+    assert browser.js(chips) == 2  # embedded chips, from the page's chip table
+    assert_offline_and_clean(browser)
