@@ -358,6 +358,14 @@
       SW.focusCase(a.getAttribute("data-case"));
     });
 
+    /* ---- alert rings shrink at city scale, where hundreds of them would hide the flags */
+    function ringSize() {
+      var z = map.getZoom(), r = z >= 16 ? 9 : (z >= 14 ? 5 : 3);
+      (SW.all.alerts || []).forEach(function (l) { if (l.setRadius) { l.setRadius(r); } });
+    }
+    map.on("zoomend", ringSize);
+    ringSize();
+
     /* ---- phone layout: collapsed control and legend */
     if (PHONE()) {
       if (legend) { legend.removeAttribute("open"); }
