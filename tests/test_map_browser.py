@@ -443,3 +443,28 @@ def test_single_file_mode_renders_offline(tmp_path_factory: pytest.TempPathFacto
     chips = "document.querySelectorAll('.leaflet-popup-content img[src^=\"data:image/jpeg\"]').length"
     assert browser.js(chips) == 2  # embedded chips, from the page's chip table
     assert_offline_and_clean(browser)
+
+
+def test_locate_and_copy_coordinates(page: Path, browser: Browser) -> None:
+    browser.call("Browser.grantPermissions", permissions=["geolocation"])
+    browser.send("Emulation.setGeolocationOverride", latitude=43.8845, longitude=126.0101, accuracy=8)
+    browser.open(page, 390, 844, mobile=True)
+    gps = browser.js(
+        "(function(){var b=Array.from(document.querySelectorAll('.sw-btn')).find(b=>b.title.indexOf('Locate')>=0);"
+        "var r=b.getBoundingClientRect();return [r.left+r.width/2, r.top+r.height/2];})()"
+    )
+    browser.click(*gps)
+    browser.idle(1.0)
+    center = browser.js("[SW.map.getCenter().lat, SW.map.getCenter().lng, SW.map.getZoom()]")
+    assert center[0] == pytest.approx(43.8845, abs=1e-4) and center[1] == pytest.approx(126.0101, abs=1e-4)
+    assert center[2] >= 17
+    copy = browser.js(
+        "(function(){var b=document.querySelector('.sw-coords .sw-btn');"
+        "var r=b.getBoundingClientRect();return [r.left+r.width/2, r.top+r.height/2];})()"
+    )
+    browser.click(*copy)
+    browser.idle(0.3)
+    copied = browser.js("SW.copied")
+    lat, lon = (float(v) for v in copied.split(","))
+    assert 43.8 < lat < 44.0 and 125.9 < lon < 126.1
+    assert_offline_and_clean(browser)
