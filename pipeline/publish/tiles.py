@@ -237,8 +237,9 @@ def _parent(root: Path, z: int, x: int, y: int, ext: str, quality: int, blank: b
         for dy in (0, 1):
             for dx in (0, 1):
                 child = root / epoch / str(z + 1) / str(2 * x + dx) / f"{2 * y + dy}.{ext}"
-                if child.is_file() and child.stat().st_size != len(blank):
-                    with Image.open(child) as im:
+                raw = child.read_bytes() if child.is_file() else blank
+                if raw != blank:  # a blank child stays background without decoding it
+                    with Image.open(io.BytesIO(raw)) as im:
                         canvas[dy * TILE_PX : (dy + 1) * TILE_PX, dx * TILE_PX : (dx + 1) * TILE_PX] = np.asarray(
                             im.convert("RGB")
                         )
