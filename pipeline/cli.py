@@ -357,6 +357,7 @@ def map_(settings: Settings, month: str) -> str:
     from pipeline.publish.maps import build_map
 
     settings.pair(month)
+    pyramid = settings.map.imagery == "pyramid"
     out = build_map(
         month,
         settings.ledger_path,
@@ -365,8 +366,28 @@ def map_(settings: Settings, month: str) -> str:
         settings=settings.map,
         layers_dir=settings.layers_dir if settings.layers_dir.is_dir() else None,
         pair_dir=settings.pair_dir(month),
+        tiles_dir=settings.map_tiles_dir(month) if pyramid else None,
     )
     return f"inspector map -> {out}"
+
+
+@cli.command(name="map-tiles")
+@month_option
+@stage
+def map_tiles(settings: Settings, month: str) -> str:
+    """Write the month's imagery tile pyramid beside its map (both epochs, down to the native pixel)."""
+    from pipeline.pair import AlignedPair
+    from pipeline.publish.tiles import build_pyramid
+
+    settings.pair(month)
+    out = settings.map_tiles_dir(month)
+    with AlignedPair.open(settings.pair_dir(month)) as pair:
+        summary = build_pyramid(pair, out, settings.map, month=month)
+    p = summary.pyramid
+    return (
+        f"tile pyramid -> {out} (zoom {p.minzoom}-{p.maxzoom}, {p.n_tiles} tiles, {p.n_bytes / 1e6:.1f} MB, "
+        f"{summary.seconds:.1f} s)"
+    )
 
 
 @cli.command()

@@ -165,6 +165,14 @@ class MapSettings(_Section):
     overlay_quality: int = Field(80, ge=10, le=95)
     tiles: str | None = None  # a tile URL template; makes the page fetch tiles when online (offline: None)
     tiles_attribution: str | None = None
+    # imagery: "pyramid" = local XYZ tiles beside the page (the map_tiles stage), "inline" = one embedded overlay
+    imagery: Literal["pyramid", "inline"] = "pyramid"
+    tiles_format: Literal["webp", "jpeg"] = "webp"
+    tiles_quality: int = Field(80, ge=10, le=95)
+    tiles_meta: int = Field(4, ge=1, le=16)  # metatile side in tiles: one pair read and one warp each
+    tiles_max_zoom: int | None = Field(None, ge=0, le=24)  # None: the native pixel
+    tiles_workers: int | None = Field(None, ge=1)  # None: one thread per CPU
+    language: Literal["zh-en", "zh", "en"] = "zh-en"  # labels of the controls, layers and legend
 
 
 class ReportSettings(_Section):
@@ -317,6 +325,10 @@ class Settings(_Section):
     def map_path(self, month: str) -> Path:
         """The inspector map of ``month``."""
         return self.paths.reports / "maps" / f"{month}.html"
+
+    def map_tiles_dir(self, month: str) -> Path:
+        """The tile pyramid of ``month``'s map, beside the page."""
+        return self.paths.reports / "maps" / f"{month}_tiles"
 
     @property
     def report_dir(self) -> Path:

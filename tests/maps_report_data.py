@@ -145,9 +145,22 @@ def _case_geom(case_id: str) -> Any:
     return next(c[7] for c in CASES if c[0] == case_id)
 
 
-def _events() -> list[Event]:
+XSS_PAYLOADS = (
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(2)>",
+    '"><svg onload=alert(3)>',
+    "javascript:alert(4)",
+)
+"""What an inspector (or an attacker) could type into a field sheet; the map must show it as text."""
+XSS_CASE = 'C-003"><svg onload=alert(5)>'
+"""Case C-003's id in the inputs written with ``xss=True``."""
+
+
+def _events(xss: bool = False) -> list[Event]:
     out = []
     for seq, (case_id, at, kind, source, actor, evidence) in enumerate(EVENTS, start=1):
+        if xss and source == "field":
+            actor = f"{XSS_PAYLOADS[seq % 4]}{actor}"
         case = next(c for c in CASES if c[0] == case_id)
         out.append(
             Event.create(
@@ -162,17 +175,19 @@ def _events() -> list[Event]:
                 geometry=case[7],
                 deadline=case[8] if kind == "ordered" else "",
                 category=case[2] if kind == "flagged" else "",
+                note=" ".join(XSS_PAYLOADS) if xss and source == "field" else "",
             )
         )
     return out
 
 
-def write_inputs(root: Path) -> dict[str, Path]:
+def write_inputs(root: Path, *, xss: bool = False) -> dict[str, Path]:
     """Write flags, ledger and layers GeoPackages under ``root`` with the pipeline's writers; return their paths.
 
     The flags are written as vectorize writes them (one file per month, its ids); the ledger with
     :func:`pipeline.ledger.store.write_ledger`, its events made by :meth:`Event.create`, its cases'
-    states the fold of their events.
+    states the fold of their events. ``xss=True`` puts :data:`XSS_PAYLOADS` into field actors and notes,
+    an alert message, a street, a grid unit and a permit note, and renames C-003 to :data:`XSS_CASE`.
     """
     paths = {
         "flags": root / "flags" / f"{MONTH}.gpkg",
@@ -181,8 +196,11 @@ def write_inputs(root: Path) -> dict[str, Path]:
         "layers": root / "layers",
     }
     for path, month in ((paths["flags"], MONTH), (paths["flags_feb"], "2026-02")):
-        write_flags(path, month, [(f[2], rect(f[4], f[5], f[3]), f[6], f[7]) for f in FLAGS if f[1] == month])
-    events = _events()
+        rows = [(f[2], rect(f[4], f[5], f[3]), f[6], f[7]) for f in FLAGS if f[1] == month]
+        if xss and month == MONTH:
+            rows[0] = (rows[0][0], rows[0][1], rows[0][2], XSS_PAYLOADS[2])
+        write_flags(path, month, rows)
+    events = _events(xss)
     rows = []
     for case_id, state, category, first_month, district, street, area, _, deadline in CASES:
         mine = [e for e in events if e.case_id == case_id]
@@ -209,7 +227,12 @@ def write_inputs(root: Path) -> dict[str, Path]:
         geometry=[_case_geom(a[0]) for a in ALERTS],
         crs=CRS,
     )
-    write_ledger(paths["ledger"], events_frame(events, CRS), cases, alerts)
+    events_layer = events_frame(events, CRS)
+    if xss:
+        for frame in (events_layer, cases, alerts):
+            frame["case_id"] = frame["case_id"].replace({"C-003": XSS_CASE})
+        alerts["message_zh"] = alerts["message_zh"] + XSS_PAYLOADS[1]
+    write_ledger(paths["ledger"], events_layer, cases, alerts)
     paths["layers"].mkdir(parents=True, exist_ok=True)
     gpd.GeoDataFrame(
         {"district": ["南关区", "朝阳区"]},
@@ -233,6 +256,23 @@ def write_inputs(root: Path) -> dict[str, Path]:
         geometry=[box(X0 + 500 * i, Y0 + 500 * j, X0 + 500 * (i + 1), Y0 + 500 * (j + 1)) for i, j in cells],
         crs=CRS,
     ).to_file(paths["layers"] / "grid.gpkg", driver="GPKG")
+    gpd.GeoDataFrame(
+        {
+            "permit_id": ["P-2026-007"],
+            "valid_from": ["2026-01-01"],
+            "valid_to": ["2026-12-31"],
+            "note": [XSS_PAYLOADS[3] if xss else "仓库 warehouse"],
+        },
+        geometry=[rect(1600, 400, 600.0)],
+        crs=CRS,
+    ).to_file(paths["layers"] / "permits.gpkg", driver="GPKG")
+    if xss:
+        grid = gpd.read_file(paths["layers"] / "grid.gpkg")
+        grid.loc[0, "unit"] = XSS_PAYLOADS[0]
+        grid.to_file(paths["layers"] / "grid.gpkg", driver="GPKG")
+        streets = gpd.read_file(paths["layers"] / "streets.gpkg")
+        streets.loc[0, "street"] = XSS_PAYLOADS[2]
+        streets.to_file(paths["layers"] / "streets.gpkg", driver="GPKG")
     return paths
 
 
@@ -281,3 +321,37 @@ class FakePair:
 def fake_open(pair: FakePair) -> Any:
     """A context manager yielding ``pair``, like ``AlignedPair.open``."""
     yield pair
+
+
+def build_fixture_map(root: Path, settings: Any = None, *, tiles: bool = True, xss: bool = False) -> Path:
+    """The map of :data:`MONTH` from :func:`write_inputs` under ``root``, imagery from a :class:`FakePair`.
+
+    With ``tiles`` the pyramid is built first (``<root>/maps/<month>_tiles``) and the page links it.
+    """
+    import pytest
+
+    from pipeline.config import MapSettings
+    from pipeline.publish import maps
+    from pipeline.publish.tiles import build_pyramid
+
+    inputs = write_inputs(root, xss=xss)
+    pair = FakePair()
+    pair.month = MONTH  # type: ignore[attr-defined]
+    tiles_dir = root / "maps" / f"{MONTH}_tiles"
+    if tiles:
+        build_pyramid(pair, tiles_dir, MapSettings(tiles_workers=1))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(maps, "_open_pair", lambda _d: fake_open(pair))
+    try:
+        return maps.build_map(
+            MONTH,
+            inputs["ledger"],
+            inputs["flags"],
+            root / "maps" / f"{MONTH}.html",
+            settings=settings or MapSettings(),
+            layers_dir=inputs["layers"],
+            pair_dir=root,
+            tiles_dir=tiles_dir if tiles else None,
+        )
+    finally:
+        mp.undo()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_flag_popup_is_bilingual_with_case_history_and_chips(full_map: str) -> N
     assert popup.index("面积") < popup.index("Area")  # Chinese first
     assert "预警 warning" in popup  # state as of March, not the final 'closed'
     assert "网格员" in popup  # responsible grid unit
-    assert popup.count("data:image/jpeg;base64,") == 2  # before and after chips
+    assert popup.count(f'data-chip="{FLAG_IDS["F-0301"]}"') == 2  # before and after chips, from the chip table
+    assert f'{json.dumps(FLAG_IDS["F-0301"])}: ["data:image/jpeg;base64,' in full_map
     assert "事件记录" in popup and "flagged" in popup
     assert "0.180" in popup  # 120 m² in 亩
     assert flags[FLAG_IDS["F-0304"]]["case_id"] == "C-005"  # matched by the event's evidence
@@ -149,7 +151,7 @@ def test_minimal_map_without_layers_or_imagery(inputs: dict[str, Path], tmp_path
     )
     html = out.read_text(encoding="utf-8")
     layers = maps.embedded_geojson(html)
-    assert sorted(n.split(" ")[1] for n in layers) == ["Alerts", "Cases", "Flags"]
+    assert sorted(n.split(" ")[1] for n in layers) == ["Alerts", "Cases", "Earlier", "Flags"]  # earlier: February
     flags = _layer(layers, "本月图斑")
     assert sorted(f["properties"]["flag_id"] for f in flags) == sorted(FLAG_IDS[f] for f in ("F-0302", "F-0305"))
     assert "data:image" not in flags[0]["properties"]["popup"]

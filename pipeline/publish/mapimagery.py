@@ -80,23 +80,33 @@ def _draw_outline(chip: np.ndarray, geom: Any, win: Any, transform: Any, color: 
     return np.asarray(image)
 
 
-def make_chips(pair: Any, flags: gpd.GeoDataFrame, settings: MapSettings) -> dict[str, tuple[str, str]]:
-    """Before/after JPEG chips (data URLs) of the largest flags, keyed by flag id.
+def make_chips(
+    pair: Any,
+    flags: gpd.GeoDataFrame,
+    settings: MapSettings,
+    *,
+    id_column: str = "flag_id",
+    colors: dict[str, str] | None = None,
+) -> dict[str, tuple[str, str]]:
+    """Before/after JPEG chips (data URLs) of the largest flags (or cases), keyed by their id.
 
     Args:
         pair: an open aligned pair (``crs``, ``transform``, ``width``, ``height``, ``read(window)``).
-        flags: flags in the pair's CRS.
+        flags: flags (or cases, with ``id_column="case_id"``) in the pair's CRS, with ``area_m2``.
         settings: chip size and count.
+        id_column: the id column.
+        colors: outline colour per id (default: the flag kind's colour).
 
     Returns:
-        ``{flag_id: (prev_url, curr_url)}`` for at most ``settings.max_chips`` flags.
+        ``{id: (prev_url, curr_url)}`` for at most ``settings.max_chips`` rows.
     """
     chips: dict[str, tuple[str, str]] = {}
     order = flags.sort_values("area_m2", ascending=False).head(settings.max_chips)
-    for flag_id, kind, geom in zip(order["flag_id"].astype(str), order["kind"], order.geometry, strict=True):
+    kinds = order["kind"] if "kind" in order.columns else [""] * len(order)
+    for flag_id, kind, geom in zip(order[id_column].astype(str), kinds, order.geometry, strict=True):
         if geom is None or geom.is_empty:
             continue
-        color = FLAG_COLORS.get(str(kind), "#000000")
+        color = (colors or {}).get(flag_id) or FLAG_COLORS.get(str(kind), "#000000")
         win = _chip_window(geom.bounds, pair, settings.chip_margin_m)
         if win is None or win.width < 2 or win.height < 2:
             continue

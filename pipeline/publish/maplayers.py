@@ -78,6 +78,7 @@ def _history(events: pd.DataFrame) -> dict[str, list[dict[str, str]]]:
             "kind_zh": KIND_ZH.get(_text(row.kind), ""),
             "source": _text(getattr(row, "source", "")),
             "actor": _text(getattr(row, "actor", "")),
+            "note": _text(getattr(row, "note", "")),
         }
         out.setdefault(_text(row.case_id), []).append(rec)
     return out
@@ -98,7 +99,9 @@ def _grid_units(frame: gpd.GeoDataFrame, grid: gpd.GeoDataFrame | None) -> list[
 
 def _feature_collection(frame: gpd.GeoDataFrame, props: list[dict[str, Any]]) -> dict[str, Any]:
     """GeoJSON in EPSG:4326 (the folium boundary) with only the given properties."""
-    geo = frame.geometry.to_crs(4326)
+    import shapely
+
+    geo = shapely.set_precision(frame.geometry.to_crs(4326).values, 1e-7)  # about 1 cm: a smaller page
     features = []
     for i, (geom, p) in enumerate(zip(geo, props, strict=True)):
         if geom is None or geom.is_empty:
@@ -111,7 +114,7 @@ def flag_features(
     view: MonthView,
     flags: gpd.GeoDataFrame,
     grid: gpd.GeoDataFrame | None,
-    chips: Mapping[str, tuple[str, str]],
+    chips: Mapping[str, str],
     prev_label: str = "",
 ) -> dict[str, Any]:
     """The flags as GeoJSON with a bilingual popup per feature.
@@ -130,7 +133,6 @@ def flag_features(
         kind = _text(row.kind)
         flag_id = _text(row.flag_id)
         state = states.get(case_id, "")
-        prev_chip, curr_chip = chips.get(flag_id, ("", ""))
         popup = macro(
             {
                 "flag_id": flag_id,
@@ -147,8 +149,7 @@ def flag_features(
                 "case_id": case_id,
                 "state": state,
                 "state_zh": STATE_ZH.get(state, ""),
-                "chip_prev": prev_chip,
-                "chip_curr": curr_chip,
+                "chip": chips.get(flag_id, ""),
                 "prev_label": prev_label,
                 "month": view.month,
                 "events": history.get(case_id, []),
@@ -160,14 +161,24 @@ def flag_features(
                 "kind": kind,
                 "case_id": case_id,
                 "color": FLAG_COLORS.get(kind, "#000"),
+                "search": " ".join(p for p in (flag_id, case_id, _text(row.street), unit) if p),
                 "popup": str(popup),
             }
         )
     return _feature_collection(flags, props)
 
 
-def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, Any]:
-    """The cases as GeoJSON, coloured by their state as of the month, with event history popups."""
+def case_features(
+    view: MonthView,
+    grid: gpd.GeoDataFrame | None,
+    chips: Mapping[str, str] | None = None,
+    prev_label: str = "",
+) -> dict[str, Any]:
+    """The cases as GeoJSON, coloured by their state as of the month, with event history popups.
+
+    ``chips`` maps a case id to the key of its before/after chips in the page's chip table (``data-chip``).
+    """
+    chips = chips or {}
     history = _history(view.events)
     units = _grid_units(view.cases, grid)
     macro = _macro("case_popup")
@@ -190,17 +201,73 @@ def case_features(view: MonthView, grid: gpd.GeoDataFrame | None) -> dict[str, A
                 "opened_at": _text(row.opened_at)[:10],
                 "deadline": _text(row.deadline)[:10],
                 "events": history.get(case_id, []),
+                "chip": chips.get(case_id, ""),
+                "prev_label": prev_label,
+                "month": view.month,
             }
         )
         props.append(
-            {"case_id": case_id, "state": state, "color": STATE_COLORS.get(state, "#000"), "popup": str(popup)}
+            {
+                "case_id": case_id,
+                "state": state,
+                "color": STATE_COLORS.get(state, "#000"),
+                "search": " ".join(p for p in (case_id, _text(row.street), unit) if p),
+                "popup": str(popup),
+            }
         )
     return _feature_collection(view.cases, props)
 
 
 def outline_features(frame: gpd.GeoDataFrame, column: str) -> dict[str, Any]:
-    """An outline layer (districts, streets, grid cells) as GeoJSON, each feature named by ``column``."""
-    return _feature_collection(frame, [{"name": _text(v)} for v in frame[column]])
+    """An outline layer (districts, streets, grid cells) as GeoJSON, each feature named by ``column``.
+
+    Grid cells are named ``cell / unit``; ``search`` holds the words the page's search box matches.
+    """
+    names = [_text(v) for v in frame[column]]
+    if "unit" in frame.columns:
+        names = [" / ".join(p for p in (n, _text(u)) if p) for n, u in zip(names, frame["unit"], strict=True)]
+    return _feature_collection(frame, [{"name": n, "search": n} for n in names])
+
+
+def permit_features(permits: gpd.GeoDataFrame, month: str) -> dict[str, Any]:
+    """Permits as GeoJSON with a popup (id, validity, note) and whether each is valid in ``month``."""
+    macro = _macro("permit_popup")
+    props = []
+    for row in permits.itertuples(index=False):
+        start, end = _text(getattr(row, "valid_from", ""))[:10], _text(getattr(row, "valid_to", ""))[:10]
+        valid = (not start or start[:7] <= month) and (not end or end[:7] >= month)
+        permit_id = _text(row.permit_id)
+        rec = {"permit_id": permit_id, "valid_from": start, "valid_to": end, "note": _text(getattr(row, "note", ""))}
+        props.append({"permit_id": permit_id, "valid": valid, "search": permit_id, "popup": str(macro(rec))})
+    return _feature_collection(permits, props)
+
+
+def earlier_flag_features(view: MonthView) -> dict[str, Any]:
+    """Flags of earlier months as the ledger recorded them (imagery events naming a flag), with their month."""
+    events = view.events
+    mask = (events["source"].astype(str) == "imagery") & (events["month"].astype(str) < view.month)
+    mask &= events["evidence"].astype(str).str.startswith("F")
+    earlier = events[mask].drop_duplicates("evidence", keep="first")
+    macro = _macro("earlier_popup")
+    props = []
+    for row in earlier.itertuples(index=False):
+        rec = {
+            "flag_id": _text(row.evidence),
+            "month": _text(row.month),
+            "case_id": _text(row.case_id),
+            "kind": _text(row.kind),
+            "kind_zh": KIND_ZH.get(_text(row.kind), ""),
+        }
+        props.append(
+            {
+                "flag_id": rec["flag_id"],
+                "month": rec["month"],
+                "case_id": rec["case_id"],
+                "search": f"{rec['flag_id']} {rec['case_id']}",
+                "popup": str(macro(rec)),
+            }
+        )
+    return _feature_collection(earlier, props)
 
 
 def legend_html(title: str) -> str:
@@ -214,8 +281,12 @@ def legend_html(title: str) -> str:
     )
 
 
-def alert_features(view: MonthView) -> dict[str, Any]:
-    """The month's alerts as points (representative point of each alert's geometry)."""
+def alert_features(view: MonthView, chips: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The month's alerts as points (representative point of each alert's geometry), linked to their case.
+
+    ``chips`` maps a case id to its chip key (an alert shows its case's chips).
+    """
+    chips = chips or {}
     macro = _macro("alert_popup")
     props = []
     for row in view.alerts.itertuples(index=False):
@@ -224,6 +295,7 @@ def alert_features(view: MonthView) -> dict[str, Any]:
             {
                 "case_id": _text(row.case_id),
                 "kind": kind,
+                "search": _text(row.case_id),
                 "popup": str(
                     macro(
                         {
@@ -232,6 +304,8 @@ def alert_features(view: MonthView) -> dict[str, Any]:
                             "kind_zh": ALERT_ZH.get(kind, ""),
                             "message_zh": _text(row.message_zh),
                             "message_en": _text(row.message_en),
+                            "chip": chips.get(_text(row.case_id), ""),
+                            "month": view.month,
                         }
                     )
                 ),
