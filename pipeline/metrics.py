@@ -159,6 +159,24 @@ def _polygons(objs: Any, name: str) -> tuple[list[BaseGeometry], Any]:
     return geoms, crs
 
 
+def greedy_matches(candidates: Iterable[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
+    """One-to-one matches from qualifying ``(iou, truth, pred)`` pairs, taken greedily.
+
+    Pairs are taken in order of IoU descending (ties: lower truth index, then lower prediction index),
+    skipping any pair whose truth or prediction is already matched. The one matcher of polygons
+    (:func:`match_objects`) and raster components (:func:`component_scores`).
+    """
+    used_t: set[int] = set()
+    used_p: set[int] = set()
+    out = []
+    for iou, ti, pi in sorted(candidates, key=lambda c: (-c[0], c[1], c[2])):
+        if ti not in used_t and pi not in used_p:
+            used_t.add(ti)
+            used_p.add(pi)
+            out.append((iou, ti, pi))
+    return out
+
+
 def match_objects(
     pred: Sequence[BaseGeometry] | Any,
     truth: Sequence[BaseGeometry] | Any,
@@ -212,17 +230,7 @@ def match_objects(
         ok = iou >= iou_threshold if mode == "iou" else bool(p.covers(t.centroid))
         if ok:
             candidates.append((iou, ti, pi))
-    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-    used_t: set[int] = set()
-    used_p: set[int] = set()
-    matches: list[tuple[int, int, float]] = []
-    for iou, ti, pi in candidates:
-        if ti in used_t or pi in used_p:
-            continue
-        used_t.add(ti)
-        used_p.add(pi)
-        matches.append((pi, ti, iou))
-    return matches
+    return [(pi, ti, iou) for iou, ti, pi in greedy_matches(candidates)]
 
 
 def object_scores(
@@ -311,14 +319,7 @@ def component_scores(
         iou = n / (t_sizes[ti] + p_sizes[pi] - n)
         if iou >= iou_threshold:
             candidates.append((iou, ti, pi))
-    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-    used_t: set[int] = set()
-    used_p: set[int] = set()
-    for _, ti, pi in candidates:
-        if ti not in used_t and pi not in used_p:
-            used_t.add(ti)
-            used_p.add(pi)
-    tp = len(used_t)
+    tp = len(greedy_matches(candidates))
     return Scores.from_counts(tp, n_p - tp, n_t - tp)
 
 
