@@ -57,6 +57,7 @@ test: lint typecheck pytest
 bench: venv
 	$(BIN)/python benchmarks/bench_align.py --read
 	$(BIN)/python benchmarks/bench_detect.py --model models/scarnet.pt
+	$(BIN)/python benchmarks/bench_train_precision.py
 
 clean:
 	rm -rf data/demo data/interim data/processed reports/maps reports/monthly reports/metrics .pytest_cache .mypy_cache
