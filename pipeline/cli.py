@@ -531,13 +531,13 @@ def evaluate(settings: Settings, model: Path | None, flag_check: bool | None) ->
 
 
 @cli.command("demo-accuracy")
-@click.argument("metrics_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.argument("figures_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
 @stage
-def demo_accuracy(settings: Settings, metrics_dir: Path | None) -> str:
-    """The demo town's flags against its truth, all months pooled (from the monthly metrics files)."""
+def demo_accuracy(settings: Settings, figures_dir: Path | None) -> str:
+    """The demo town's flags against its truth, all months pooled (from the reports' figures, reports/monthly)."""
     from pipeline.model.fieldcheck import demo_accuracy as pooled
 
-    result = pooled(metrics_dir or settings.metrics_dir)
+    result = pooled(figures_dir or settings.report_dir)
     lines = []
     for mode, kinds in result.items():
         lines.append(f"{mode} ({', '.join(kinds['months'])}):")

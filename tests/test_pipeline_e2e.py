@@ -96,6 +96,13 @@ def test_flags_find_the_demo_truth(project: Path, first_run: str):
     assert hit.tp + hit.fn >= 5
     assert hit.recall >= 0.75 and hit.precision >= 0.75, pooled
     assert iou.precision >= 0.6, pooled
+    # the line make demo prints pools the same counts from the reports' figures
+    proc = subprocess.run(
+        [str(BIN / "scarwatch"), "-q", "demo-accuracy"], cwd=project, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("all"))
+    assert line.split()[1:7] == ["TP", str(iou.tp), "FP", str(iou.fp), "FN", str(iou.fn)], proc.stdout
 
 
 def test_ledger_and_report_reflect_the_month(project: Path, first_run: str):

@@ -187,7 +187,7 @@ def santa_rosa_flag_check(settings: Settings, checkpoint: Path) -> dict[str, Any
 
 
 def demo_accuracy(metrics_dir: Path) -> dict[str, dict[str, Any]]:
-    """Pool the demo's monthly flag accuracy (``reports/metrics/<month>.json``) over every month.
+    """Pool the demo's monthly flag accuracy (the report's figures, ``reports/monthly/<month>.json``) over months.
 
     The monthly report scores each month's flags against the demo truth (``accuracy``: IoU >= 0.5;
     ``accuracy_centroid``: centroid hit); this adds the counts of all months.
