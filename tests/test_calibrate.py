@@ -182,8 +182,11 @@ def test_santa_rosa_flags_run_the_real_chain_on_a_held_out_tile(shared_data: Pat
     removed = out["scores"]["removed"]
     assert out["tiles"] == ["00000012"] and out["truth"] == 158  # destroyed footprints, all in valid imagery
     assert removed["iou50"]["tp"] + removed["iou50"]["fn"] == 158
-    # measured with the shipped checkpoint: 68 of 158 found at IoU >= 0.5 with 22 false removed flags
-    assert removed["iou50"]["tp"] >= 50 and removed["iou50"]["precision"] >= 0.6
+    # measured with the shipped checkpoint (stage 4): 76 of 158 hit by centroid with 2 false removed flags,
+    # 43 matched at IoU >= 0.5 (35 flags cover a house but miss its outline: blobs over neighbouring ruins).
+    # Stage 3 had 68 at IoU >= 0.5 with 22 false; stage 4 hits buildings more surely and outlines them less.
+    assert removed["centroid"]["tp"] >= 60 and removed["centroid"]["precision"] >= 0.85
+    assert removed["iou50"]["tp"] >= 35 and removed["iou50"]["precision"] >= 0.45
     assert removed["centroid"]["tp"] >= removed["iou50"]["tp"]
     flags = gpd.read_file(tmp_path / "calibrated" / "00000012" / "flags.gpkg", layer="flags")
     assert len(flags) == sum(out["flags"].values()) and set(flags["month"]) == {"2017-10"}
