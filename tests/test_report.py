@@ -571,3 +571,29 @@ def test_each_section_has_its_own_charts_in_its_language(built: dict[str, Any]) 
     assert [len(p) for p in pngs] == [3, 3]  # trend, funnel, ageing in both
     if cjk_font() is not None:  # with a CJK font the Chinese charts carry Chinese labels: other pixels
         assert all(a != b for a, b in zip(*pngs, strict=True))
+
+
+def test_a_failed_report_leaves_the_previous_generation_whole(
+    built: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTML, Markdown, PDF, figures, trend and metrics are swapped in together, or not at all."""
+    import errno
+
+    from pipeline.publish import pdf
+
+    p = built["paths"]
+    settings = ReportSettings(pdf=False)
+    report.build_report(MONTH, p["ledger"], p["flags"], tmp_path, settings=settings)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert {f"{MONTH}.html", f"{MONTH}.md", f"{MONTH}.json", f"{MONTH}.metrics.json"} <= set(before)
+    (tmp_path / f"{MONTH}.md").write_text("an earlier generation", encoding="utf-8")
+    before[f"{MONTH}.md"] = (tmp_path / f"{MONTH}.md").read_bytes()
+
+    def disk_full(html: str, out_path: Path) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_path))
+
+    monkeypatch.setattr(pdf, "write_pdf", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        report.build_report(MONTH, p["ledger"], p["flags"], tmp_path, settings=ReportSettings(pdf=True))
+    after = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    assert after == before  # the HTML and Markdown written before the PDF failed were not swapped in; no temps

@@ -32,7 +32,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
-from pipeline.fileio import atomic_path, read_layer
+from pipeline.fileio import atomic_paths, read_layer
 from pipeline.formats import (
     MU_M2,
     QA_BLOCK_AFTER,
@@ -767,11 +767,11 @@ def thumbnails(pair_dir: Path, view: MonthView, rows: list[dict[str, Any]], sett
             r["before"], r["after"] = chips[r["flag_id"]]
 
 
-def write_trend_csv(path: Path, trend: list[dict[str, Any]]) -> None:
+def trend_csv(trend: list[dict[str, Any]]) -> str:
     """The trend as CSV (month, new_cases, new_area_m2, demolished): the DVC plot."""
     lines = ["month,new_cases,new_area_m2,demolished"]
     lines += [f"{r['month']},{r['new_cases']},{r['new_area_m2']},{r['demolished']}" for r in trend]
-    _write(Path(path), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def build_report(
@@ -864,16 +864,26 @@ def build_report(
     html_path, md_path, pdf_path = (out_dir / f"{month}.{ext}" for ext in ("html", "md", "pdf"))
     figs = {lang: charts(figures, lang) for lang in settings.languages}
     html = _env(True).get_template("report.html.j2").render(charts=figs, **context)
-    _write(html_path, html)
-    _write(md_path, _env(False).get_template("report.md.j2").render(**context))
-    if settings.pdf:
-        from pipeline.publish.pdf import write_pdf
-
-        write_pdf(html, pdf_path)
-    _write(out_dir / f"{month}.json", json.dumps(figures, ensure_ascii=False, indent=2) + "\n")
+    markdown = _env(False).get_template("report.md.j2").render(**context)
+    figures_path = out_dir / f"{month}.json"
     metrics_path = Path(metrics_path) if metrics_path is not None else out_dir / f"{month}.metrics.json"
-    _write(metrics_path, json.dumps(headline(figures), ensure_ascii=False, indent=2) + "\n")
-    write_trend_csv(Path(trend_path) if trend_path is not None else out_dir / f"{month}.trend.csv", figures["trend"])
+    trend_path = Path(trend_path) if trend_path is not None else out_dir / f"{month}.trend.csv"
+    # one generation: every file of the month's report is written first, then all are swapped in together
+    # (the DVC metrics file last), so a failure leaves the previous report whole, never half old, half new
+    outputs = [html_path, md_path, *([pdf_path] if settings.pdf else []), figures_path, trend_path, metrics_path]
+    with atomic_paths(outputs) as tmps:
+        tmp = dict(zip(outputs, tmps, strict=True))
+        tmp[html_path].write_text(html, encoding="utf-8")
+        tmp[md_path].write_text(markdown, encoding="utf-8")
+        if settings.pdf:
+            from pipeline.publish.pdf import write_pdf
+
+            write_pdf(html, tmp[pdf_path])
+        tmp[figures_path].write_text(json.dumps(figures, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        tmp[trend_path].write_text(trend_csv(figures["trend"]), encoding="utf-8")
+        tmp[metrics_path].write_text(
+            json.dumps(headline(figures), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
     log.info(
         "wrote %s (+ .md%s, .json), %s: %d new cases, %d alerts",
         str(html_path),
@@ -883,8 +893,3 @@ def build_report(
         figures["alerts"]["count"],
     )
     return html_path
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
