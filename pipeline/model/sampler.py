@@ -207,34 +207,33 @@ class TrainingSampler:
         if pair.change.any() and rng.random() < 0.75:
             center = _change_pixel(pair.change, rng)
         y, x = _crop_origin(h, w, size, rng, center)
-        s = self.max_shift
-        dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
-        y2, x2 = int(np.clip(y + dy, 0, h - size)), int(np.clip(x + dx, 0, w - size))
-        first = pair.images[0][:, y : y + size, x : x + size]
-        second = pair.images[1][:, y2 : y2 + size, x2 : x2 + size]
-        valid = pair.valid[y : y + size, x : x + size] & pair.valid[y2 : y2 + size, x2 : x2 + size]
+        imgs, valid, (y2, x2) = self._pair_crop(pair.valid, pair.images[0], pair.images[1], y, x, size)
         change = pair.change[y2 : y2 + size, x2 : x2 + size].astype(np.uint8)
         zero = np.zeros_like(change)
         forward = rng.random() < 0.5
         k = 0 if pair.kind == "new" else 1  # the label's channel when read earlier -> later
         labels = [zero, zero]
         labels[k if forward else 1 - k] = change
-        imgs = np.stack([first, second]) if forward else np.stack([second, first])
+        if not forward:
+            imgs = np.ascontiguousarray(imgs[::-1])
         return imgs, np.stack(labels), valid
 
     # each source returns (images uint8 (2, 3, s, s), labels uint8 (2, s, s), weight bool (s, s))
 
     def _pair_crop(
-        self, tile: SantaRosaTile, first: np.ndarray, second: np.ndarray, y: int, x: int, size: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Crop both images; the second is shifted by up to ``max_shift`` px. Returns images, valid."""
-        h, w = tile.valid.shape
+        self, valid_map: np.ndarray, first: np.ndarray, second: np.ndarray, y: int, x: int, size: int
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Crop both images; the second is shifted by up to ``max_shift`` px.
+
+        Returns the images, the pixels valid in both crops of ``valid_map`` and the second crop's origin.
+        """
+        h, w = valid_map.shape
         s = self.max_shift
         dy, dx = (int(v) for v in self.rng.integers(-s, s + 1, size=2))
         y2, x2 = int(np.clip(y + dy, 0, h - size)), int(np.clip(x + dx, 0, w - size))
         imgs = np.stack([first[:, y : y + size, x : x + size], second[:, y2 : y2 + size, x2 : x2 + size]])
-        valid = tile.valid[y : y + size, x : x + size] & tile.valid[y2 : y2 + size, x2 : x2 + size]
-        return imgs, valid
+        valid = valid_map[y : y + size, x : x + size] & valid_map[y2 : y2 + size, x2 : x2 + size]
+        return imgs, valid, (y2, x2)
 
     def _santa(self, size: int) -> Sample:
         rng = self.rng
@@ -245,7 +244,7 @@ class TrainingSampler:
         y, x = _crop_origin(h, w, size, rng, center)
         forward = rng.random() < 0.5
         first, second = (tile.pre, tile.post) if forward else (tile.post, tile.pre)
-        imgs, valid = self._pair_crop(tile, first, second, y, x, size)
+        imgs, valid, _ = self._pair_crop(tile.valid, first, second, y, x, size)
         change = tile.change[y : y + size, x : x + size].astype(np.uint8)
         zero = np.zeros_like(change)
         labels = np.stack([zero, change]) if forward else np.stack([change, zero])
@@ -259,7 +258,7 @@ class TrainingSampler:
         h, w = tile.valid.shape
         y, x = _crop_origin(h, w, size, self.rng)
         img = tile.pre if self.rng.random() < 0.5 else tile.post
-        imgs, valid = self._pair_crop(tile, img, img, y, x, size)
+        imgs, valid, _ = self._pair_crop(tile.valid, img, img, y, x, size)
         return imgs, np.zeros((2, size, size), np.uint8), valid
 
     def _building_crop(self, size: int) -> tuple[SantaRosaTile, int, int]:
