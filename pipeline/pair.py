@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -220,8 +221,15 @@ class AlignedPair:
         self._opened: list[ExitStack] = []
 
     @classmethod
-    def open(cls, out_dir: str | Path) -> AlignedPair:
-        """Open the aligned pair that :func:`pipeline.imagery.align_pair` wrote to ``out_dir``."""
+    def open(cls, out_dir: str | Path, *, roots: Sequence[str | Path] | None = None) -> AlignedPair:
+        """Open the aligned pair that :func:`pipeline.imagery.align_pair` wrote to ``out_dir``.
+
+        Args:
+            out_dir: the pair's folder.
+            roots: the data folders the sheets must lie in (a stage passes ``paths.raw``): a sheet path in
+                ``pair.json`` that leads elsewhere (an edited or planted file) is refused before anything is
+                opened. None checks nothing (tests and notebooks that align from anywhere).
+        """
         out_dir = Path(out_dir)
         path = out_dir / PAIR_JSON
         if not path.is_file() or not (out_dir / VALID_TIF).is_file():
@@ -230,6 +238,12 @@ class AlignedPair:
             )
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
+            absolute = _absolute_sheet_paths(meta, out_dir)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptFileError(f"{path}: not a readable aligned pair ({exc!r}); rerun 'scarwatch align'") from exc
+        if roots is not None:
+            _confine(absolute, [Path(r) for r in roots], path)
+        try:
             return cls(meta, out_dir)
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptFileError(f"{path}: not a readable aligned pair ({exc!r}); rerun 'scarwatch align'") from exc
@@ -318,6 +332,23 @@ class AlignedPair:
         win = _as_win(window)
         prev_m, curr_m, _ = self._handles()
         return prev_m.read(win, data=False)[1], curr_m.read(win, data=False)[1]
+
+
+def _confine(meta: dict[str, Any], roots: list[Path], path: Path) -> None:
+    """Refuse a sheet path (already absolute) that lies outside every one of ``roots``.
+
+    The test is on the normalised path, not on where links lead: a link a user placed inside the data
+    folder (imagery kept on a NAS) is theirs to make; a ``..`` or an absolute path in the file is not.
+    """
+    bases = [Path(os.path.normpath(Path(r).resolve())) for r in roots]
+    for role, ep in meta["epochs"].items():
+        for sheet in ep["sheets"]:
+            where = Path(sheet["path"])
+            if not any(where.is_relative_to(b) for b in bases):
+                raise CorruptFileError(
+                    f"{path}: the {role} sheet {where} lies outside the data folder "
+                    f"{', '.join(map(str, bases))}; rerun 'scarwatch align' to rewrite the pair"
+                )
 
 
 def _absolute_sheet_paths(meta: dict[str, Any], out_dir: Path | None) -> dict[str, Any]:

@@ -90,6 +90,26 @@ def test_moved_checkout_still_reads_its_pair(tmp_path: Path, scene: np.ndarray) 
     np.testing.assert_allclose(images[1], scene[:, :64, :64].astype(np.float32) / 255, atol=1e-6)
 
 
+def test_sheet_paths_in_pair_json_are_confined_to_the_data_folder(tmp_path: Path, scene: np.ndarray) -> None:
+    # pair.json is a file on disk: a sheet path edited (or planted) to lead out of the data folder is refused.
+    _two_sheets(tmp_path / "raw" / "curr", scene[:, :256, :256])
+    _two_sheets(tmp_path / "raw" / "prev", scene[:, :256, :256])
+    align_pair(tmp_path / "raw" / "prev", tmp_path / "raw" / "curr", tmp_path / "out", NO_COREG, **MONTHS)
+    with AlignedPair.open(tmp_path / "out", roots=[tmp_path / "raw"]) as pair:  # the sheets lie in raw/
+        assert pair.read(Window(0, 0, 8, 8))[1].all()
+    meta_path = tmp_path / "out" / "pair.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    outside = tmp_path / "elsewhere" / "a.tif"
+    _two_sheets(outside.parent, scene[:, :256, :256])
+    for planted in (str(outside), "../elsewhere/a.tif", "../raw/../elsewhere/a.tif"):
+        meta["epochs"]["prev"]["sheets"][0]["path"] = planted
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+        with pytest.raises(
+            CorruptFileError, match=r"pair\.json: the prev sheet .*elsewhere.* lies outside the data folder"
+        ):
+            AlignedPair.open(tmp_path / "out", roots=[tmp_path / "raw"])
+
+
 def test_target_crs_and_resolution_params(tmp_path: Path, scene: np.ndarray) -> None:
     write_tif(tmp_path / "curr" / "c.tif", scene[:, :400, :400])
     write_tif(tmp_path / "prev" / "p.tif", scene[:, :400, :400])
