@@ -82,10 +82,15 @@ class UnitLayers:
         """
         layers_dir = Path(layers_dir)
         frames: dict[str, gpd.GeoDataFrame | None] = {}
+        missing = [layers_dir / f for f in LAYER_FILES.values() if not (layers_dir / f).exists()]
+        if missing:
+            log.warning(
+                "%s: not found; dispatch units fall back to the other layers (a case in none gets no unit)",
+                ", ".join(map(str, missing)),
+            )
         for name, file in LAYER_FILES.items():
             path = layers_dir / file
             if not path.exists():
-                log.warning("%s: not found; units fall back past the %s layer", path, name)
                 frames[name] = None
                 continue
             what = f"the {name} layer (dispatch units)"
@@ -94,6 +99,11 @@ class UnitLayers:
             keep = {c: frame[c].map(_text) for c in _COLUMNS[name]}
             frames[name] = gpd.GeoDataFrame(keep, geometry=frame.geometry.values, crs=frame.crs).reset_index(drop=True)
         return cls(layers_dir, frames)
+
+    @property
+    def crs(self) -> object | None:
+        """The CRS of the layers (they share the ledger's, checked when the ledger reads them); None without any."""
+        return next((f.crs for f in self.frames.values() if f is not None), None)
 
     def path(self, name: str) -> Path:
         """The file of layer ``name`` (``grid``, ``street``, ``district``)."""
@@ -156,6 +166,21 @@ class UnitLayers:
         for j, col in enumerate(UNIT_COLUMNS):  # ``out``'s columns are UNIT_COLUMNS, in order
             out.iloc[rows, j] = picked[col].to_numpy()
         return out
+
+
+def dispatch_target(row: pd.Series) -> tuple[str, str, str]:
+    """``(unit, note, evidence)`` of a ``dispatched`` event from one row of :func:`assign_units` (contract C2).
+
+    The note names the 网格 cell (or the street, or the district, whichever named the unit) and the evidence
+    the layer feature: ``layers/grid.gpkg:<cell_id>``, ``layers/streets.gpkg:<street>``,
+    ``layers/districts.gpkg:<district>``; a place in no polygon gives ``("", "", "")``.
+    """
+    source = str(row["unit_source"])
+    key = {"grid": "cell_id", "street": "street", "district": "district"}.get(source)
+    if key is None:
+        return "", "", ""
+    value = str(row[key])
+    return str(row["unit"]), value, f"layers/{LAYER_FILES[source]}:{value}"
 
 
 def assign_units(geoms: gpd.GeoSeries, layers_dir: Path) -> pd.DataFrame:
