@@ -182,12 +182,14 @@ def dispatch_rows(month: str, events: pd.DataFrame, cases: gpd.GeoDataFrame) -> 
     disp = disp.drop_duplicates("case_id", keep="last")
     by_case = cases.set_index("case_id")
     disp = disp[disp["case_id"].isin(by_case.index)]
-    imagery = events[events["kind"].isin(list(CHANGE_TEXT))].sort_values("seq")
+    imagery = events[events["kind"].isin(list(CHANGE_TEXT)) & events["case_id"].isin(disp["case_id"])]
+    seen_by_case = {str(c): g.sort_values("seq") for c, g in imagery.groupby("case_id")}
     rows: list[dict[str, Any]] = []
     geoms = []
     for e in disp.itertuples(index=False):
         case = by_case.loc[e.case_id]
-        seen = imagery[(imagery["case_id"] == e.case_id) & (imagery["seq"] < e.seq)]
+        seen = seen_by_case.get(str(e.case_id), imagery.iloc[:0])
+        seen = seen[seen["seq"] < e.seq]  # the latest imagery change before this dispatch
         change = CHANGE_TEXT[str(seen["kind"].iloc[-1])] if len(seen) else CHANGE_TEXT["flagged"]
         area = float(case["area_m2"])
         cell = str(e.note) if str(e.evidence).startswith("layers/grid.gpkg:") else ""
