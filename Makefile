@@ -39,6 +39,8 @@ demo: venv
 	@echo "Inspector maps : $$(ls reports/maps/*.html | tr '\n' ' ')"
 	@echo "Monthly reports: $$(ls reports/monthly/*.html | tr '\n' ' ')"
 	@echo "Scar ledger    : data/processed/ledger.gpkg (layers events, cases, alerts)"
+	@echo "Dispatch lists (派单), per month one XLSX + CSV + GeoJSON per unit (index: dispatch.json):"
+	@for d in reports/dispatch/*/; do f=$$(cd "$$d" && ls *.xlsx 2>/dev/null | tr '\n' ' '); echo "  $$d $${f:-(nothing dispatched)}"; done
 	@echo "Demo flags against the demo truth, all months pooled:"
 	@$(BIN)/scarwatch -q demo-accuracy
 
@@ -60,4 +62,4 @@ bench: venv
 	$(BIN)/python benchmarks/bench_train_precision.py
 
 clean:
-	rm -rf data/demo data/interim data/processed reports/maps reports/monthly reports/metrics .pytest_cache .mypy_cache
+	rm -rf data/demo data/interim data/processed reports/maps reports/monthly reports/metrics reports/dispatch .pytest_cache .mypy_cache

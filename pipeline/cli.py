@@ -393,6 +393,28 @@ def map_tiles(settings: Settings, month: str) -> str:
 @cli.command()
 @month_option
 @stage
+def dispatch(settings: Settings, month: str) -> str:
+    """Write the month's dispatch lists (派单): per responsible unit an XLSX, a CSV and a GeoJSON, and an index."""
+    from pipeline.publish.dispatch import write_dispatch
+
+    settings.pair(month)
+    pair_dir = settings.pair_dir(month)
+    out = settings.dispatch_dir(month)
+    summary = write_dispatch(
+        month,
+        settings.ledger_path,
+        out,
+        settings=settings.dispatch,
+        pair_dir=pair_dir if pair_dir.is_dir() else None,
+    )
+    if not summary.n_cases:
+        return f"dispatch lists -> {out}: nothing dispatched in {month} (dispatch.json says so)"
+    return f"dispatch lists -> {out}: {summary.n_cases} cases to {len(summary.units)} units (dispatch.json)"
+
+
+@cli.command()
+@month_option
+@stage
 def report(settings: Settings, month: str) -> str:
     """Write the month's report (HTML, A4 PDF, Markdown; Chinese first, English too), its figures and metrics."""
     from pipeline.publish.report import build_report

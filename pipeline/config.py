@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -152,6 +153,15 @@ class LedgerSettings(_Section):
     expand_ratio: float = Field(0.2, ge=0)
     repair_grace_months: int = Field(2, ge=0)
     field_radius_m: float = Field(3.0, gt=0)  # footprint of a case an inspector opened at a point
+    dispatch_due_days: int = Field(3, ge=0)  # working days (Mon-Fri) a dispatched case's field check may take
+    dispatch_holidays: tuple[dt.date, ...] = ()  # public holidays that are no working day (ISO dates)
+
+
+class DispatchSettings(_Section):
+    """The monthly dispatch lists (派单) of the responsible units."""
+
+    thumbnail_px: int = Field(120, ge=32, le=512)  # before/after chips embedded in the XLSX
+    chip_margin_m: float = Field(10.0, ge=0)
 
 
 class MapSettings(_Section):
@@ -259,6 +269,7 @@ class Settings(_Section):
     ledger: LedgerSettings = LedgerSettings()  # type: ignore[call-arg]
     map: MapSettings = MapSettings()  # type: ignore[call-arg]
     report: ReportSettings = ReportSettings()
+    dispatch: DispatchSettings = DispatchSettings()  # type: ignore[call-arg]
     train: TrainSettings = TrainSettings()  # type: ignore[call-arg]
     evaluate: EvaluateSettings = EvaluateSettings()  # type: ignore[call-arg]
 
@@ -329,6 +340,10 @@ class Settings(_Section):
     def map_tiles_dir(self, month: str) -> Path:
         """The tile pyramid of ``month``'s map, beside the page."""
         return self.paths.reports / "maps" / f"{month}_tiles"
+
+    def dispatch_dir(self, month: str) -> Path:
+        """The dispatch lists (派单) of ``month``, one XLSX/CSV/GeoJSON per unit and ``dispatch.json``."""
+        return self.paths.reports / "dispatch" / month
 
     @property
     def report_dir(self) -> Path:

@@ -21,7 +21,7 @@ from pipeline.errors import (
 )
 from pipeline.formats import MU_M2
 from pipeline.ledger import build_ledger, fold_state, read_ledger
-from pipeline.ledger.events import EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, event_id
+from pipeline.ledger.events import ADMIN_KINDS, EVENT_KINDS, LIFECYCLE_KINDS, OBSERVATION_KINDS, event_id
 from pipeline.ledger.lifecycle import STATES, TRANSITIONS, apply, fold_kinds, next_state, seed_path
 
 CRS = "EPSG:4551"
@@ -170,7 +170,7 @@ def test_event_id_is_deterministic_and_distinct() -> None:
     assert a == event_id("C1", "2026-02-01", "flagged", "imagery", "f1")
     assert a != event_id("C1", "2026-02-01", "flagged", "imagery", "f2")
     assert len(a) == 16
-    assert set(LIFECYCLE_KINDS) | set(OBSERVATION_KINDS) == set(EVENT_KINDS)
+    assert set(LIFECYCLE_KINDS) | set(OBSERVATION_KINDS) | set(ADMIN_KINDS) == set(EVENT_KINDS)
 
 
 # -- matching flags to cases -------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_new_flags_open_warning_cases_in_flag_id_order(tmp_path: Path) -> None:
     )
     assert cases.iloc[0]["district"] == "南关区"
     assert cases.iloc[0]["area_m2"] == pytest.approx(100.0)
-    assert alerts.empty
+    assert set(alerts["kind"]) == {"check_overdue"}  # dispatched, no field check by the month's end
 
 
 def test_second_sighting_is_observed_present_not_a_new_case(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_second_sighting_is_observed_present_not_a_new_case(tmp_path: Path) -> N
     out = run(tmp_path, ["2026-02", "2026-03"])
     events, cases, _ = read_ledger(out)
     assert len(cases) == 1
-    assert kinds_of(events, "SW-202602-0001") == ["flagged", "observed_present"]
+    assert [k for k in kinds_of(events, "SW-202602-0001") if k != "dispatched"] == ["flagged", "observed_present"]
 
 
 def test_flag_on_demolished_case_is_rebuilt_with_alert(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ def test_field_update_by_location(tmp_path: Path) -> None:
     write_updates(tmp_path / "raw", "2026-02", [{"at": "2026-02-10", "kind": "confirmed", "x": X0 + 103, "y": Y0 + 12}])
     events, cases, _ = read_ledger(run(tmp_path, ["2026-02"]))
     assert cases.set_index("case_id")["state"].to_dict() == {"SW-202602-0001": "warning", "SW-202602-0002": "confirmed"}
-    ev = events.iloc[-1]
+    ev = events[events["source"] == "field"].iloc[-1]
     assert (ev["kind"], ev["source"], ev["evidence"], ev["actor"]) == (
         "confirmed",
         "field",

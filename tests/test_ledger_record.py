@@ -132,7 +132,8 @@ def test_case_ids_never_move_when_a_flag_is_added(project: Path) -> None:
         ],
     )
     proc = cli(project, "ledger", "build")
-    assert proc.returncode == 0 and "(1 new)" in proc.stdout, proc.stderr
+    # the flag's case: flagged, dispatched, and dispatched again at the end of 2026-02 and 2026-03 (unchecked)
+    assert proc.returncode == 0 and "(4 new)" in proc.stdout, proc.stderr
     events = read_ledger(project / "processed" / "ledger.gpkg")[0]
     assert events[(events["case_id"] == target) & (events["kind"] == "flagged")]["evidence"].item() == opened
     assert events[events["evidence"] == "F-0"]["case_id"].item() == "SW-202602-0004"

@@ -33,6 +33,10 @@ ALERT_TEXT: dict[str, tuple[str, str]] = {
         "影像显示已拆除，但台账无拆除记录，请核实",
         "Imagery shows the structure removed, but no demolition is recorded; verify and record it",
     ),
+    "check_overdue": (
+        "派单核查已逾期（{unit}，期限 {due}），尚无现场核查结果，已重新派单",
+        "Field check overdue ({unit}, due {due}): no field report yet; dispatched again",
+    ),
 }
 """Alert kind → (Chinese, English) message templates.
 
@@ -47,7 +51,10 @@ Alerts are evaluated at the end of every processed month and repeat each month w
 * ``demolition_unverified``: demolished in the field (state demolished or repaired), a later month's
   imagery has been processed, and imagery has not seen the structure removed;
 * ``removal_unrecorded``: imagery saw the structure removed while the case is still open
-  (warning … ordered).
+  (warning … ordered);
+* ``check_overdue``: the case was dispatched (``dispatched``), is still a ``warning`` with no field event
+  since its last dispatch, and the dispatch's due date is before the month's last day (the ledger then
+  dispatches it again, dated the month's last day).
 """
 
 
@@ -62,6 +69,9 @@ class AlertFacts(Protocol):
     expansion_pending: bool
     demolished_month: str
     demolished_by_field: bool
+    dispatch_due: str  # due date of the last dispatch's field check ("" when never dispatched)
+    dispatch_unit: str
+    checked_since_dispatch: bool  # a field event came after the last dispatch
 
 
 def month_alerts(
@@ -105,6 +115,8 @@ def month_alerts(
             found.append(("demolition_unverified", {}))
         if c.state in OPEN_STATES and c.removed_seen:
             found.append(("removal_unrecorded", {}))
+        if c.state == "warning" and c.dispatch_due and not c.checked_since_dispatch and c.dispatch_due < end:
+            found.append(("check_overdue", {"due": c.dispatch_due, "unit": c.dispatch_unit or "未分配单位"}))
         for kind, values in found:
             zh, en = ALERT_TEXT[kind]
             alerts.append(

@@ -16,7 +16,13 @@ Processing order (the log order, ``seq``):
       flag-id order) that no case ever had (seed, field and retired ids included): ids never move;
    b. ``removed`` flags by ``flag_id``: ``observed_removed`` on every matching case;
    c. the month's field updates in row order; an illegal transition raises IllegalTransitionError.
-   d. Alerts are evaluated at the end of the month (see :mod:`pipeline.ledger.alerts`).
+   After a. and b., every case that entered ``warning`` this month (not one opened inside a permit) is
+   dispatched (派单): a ``dispatched`` event, source ``dispatch``, dated like the imagery, naming the
+   responsible unit of ``layers/grid.gpkg`` (or the street office, the district squad:
+   :mod:`pipeline.ledger.grid`) and the field check's due date ``ledger.dispatch_due_days`` working days on;
+   d. Alerts are evaluated at the end of the month (see :mod:`pipeline.ledger.alerts`); a case whose field
+   check is overdue (``check_overdue``) is dispatched again, dated the month's last day. A dispatch the live
+   ledger holds keeps its unit and due date (a redrawn grid or a changed param applies to new dispatches only).
 
 Everything is read and checked first and the ledger is built in memory; it replaces the live ledger only
 when it keeps every live event and case unchanged (:mod:`pipeline.ledger.record`) and all of it
@@ -40,6 +46,7 @@ from pipeline.errors import ConfigError, MissingInputError
 from pipeline.ledger import record
 from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
 from pipeline.ledger.builder import LedgerBuilder
+from pipeline.ledger.grid import LAYER_FILES, UnitLayers
 from pipeline.ledger.lifecycle import STATES, fold_kinds
 from pipeline.ledger.record import Live
 from pipeline.ledger.store import (
@@ -107,6 +114,7 @@ class _Inputs:
     updates: dict[str, list[FieldUpdate]]
     files: list[Path]
     crs: CRS
+    units: UnitLayers | None = None
 
 
 def _read_inputs(flags_paths: Sequence[Path], raw_dir: Path, months: Sequence[str]) -> _Inputs:
@@ -138,7 +146,9 @@ def _read_inputs(flags_paths: Sequence[Path], raw_dir: Path, months: Sequence[st
     seeds = read_seed_cases(seeds_path)
     permits = read_permits(permits_path)
     areas, areas_path = read_areas(raw_dir / "layers")
-    for frame, path in ((seeds, seeds_path), (permits, permits_path), (areas, areas_path)):
+    units = UnitLayers.load(raw_dir / "layers") if (raw_dir / "layers").is_dir() else None
+    unit_frames = [(f, units.path(n)) for n, f in units.frames.items()] if units is not None else []
+    for frame, path in ((seeds, seeds_path), (permits, permits_path), (areas, areas_path), *unit_frames):
         if frame is not None:
             crs = check_crs(frame, path, crs)
     if crs is None:
@@ -150,21 +160,45 @@ def _read_inputs(flags_paths: Sequence[Path], raw_dir: Path, months: Sequence[st
     if permits is None:
         permits = gpd.GeoDataFrame({"permit_id": [], "valid_from": [], "valid_to": []}, geometry=[], crs=crs)
     files = [*paths.values(), *field_files.values()]
-    files += [p for p in (seeds_path, permits_path, areas_path) if p.is_file()]
-    return _Inputs(months, flags, paths, seeds, seeds_path, permits, areas, updates, files, crs)
+    layer_files = [raw_dir / "layers" / name for name in LAYER_FILES.values()]
+    files += [p for p in dict.fromkeys((seeds_path, permits_path, areas_path, *layer_files)) if p.is_file()]
+    return _Inputs(months, flags, paths, seeds, seeds_path, permits, areas, updates, files, crs, units)
+
+
+def _live_dispatches(live: Live) -> dict[tuple[str, str], dict[str, str]]:
+    """The live ledger's ``dispatched`` events by (case, date): unit, note, evidence, due date, month."""
+    events = live.events
+    if events.empty or "kind" not in events.columns:
+        return {}
+    rows = events[events["kind"] == "dispatched"]
+    cols = ("actor", "note", "evidence", "deadline", "month")
+    return {
+        (str(r["case_id"]), str(r["at"])[:10]): {c: "" if pd.isna(r[c]) else str(r[c]) for c in cols}
+        for _, r in rows.iterrows()
+    }
 
 
 def _replay(inputs: _Inputs, settings: LedgerSettings, live: Live) -> LedgerBuilder:
     """Fold every input, in the processing order, into a fresh in-memory ledger."""
-    builder = LedgerBuilder(settings, inputs.areas, registry=live.registry, reserved=live.reserved)
+    builder = LedgerBuilder(
+        settings,
+        inputs.areas,
+        registry=live.registry,
+        reserved=live.reserved,
+        units=inputs.units,
+        dispatched=_live_dispatches(live),
+    )
     if inputs.seeds is not None:
         builder.seed(inputs.seeds, inputs.seeds_path)
+    builder.seeded()
     for month in sorted(set(inputs.months) | set(inputs.updates)):
         if month in inputs.flags:
             builder.imagery(month, inputs.flags[month], inputs.permits, inputs.flag_paths[month])
+            builder.dispatch_new(month)
         if month in inputs.updates:
             builder.field(inputs.updates[month])
         builder.evaluate_alerts(month)
+        builder.redispatch(month)
     return builder
 
 

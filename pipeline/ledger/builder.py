@@ -24,6 +24,7 @@ from pipeline.config import LedgerSettings
 from pipeline.errors import LedgerError
 from pipeline.ledger.alerts import ALERT_COLUMNS, month_alerts
 from pipeline.ledger.events import (
+    ADMIN_KINDS,
     CATEGORIES,
     FIELD_OPENING_KINDS,
     FOOTPRINT_KINDS,
@@ -31,8 +32,11 @@ from pipeline.ledger.events import (
     Event,
     events_frame,
     imagery_date,
+    month_end,
     parse_date,
+    working_days_after,
 )
+from pipeline.ledger.grid import UnitLayers, dispatch_target
 from pipeline.ledger.lifecycle import STATES, STOP_STATES, next_state, seed_path
 from pipeline.ledger.matching import FootprintIndex, find_permit
 from pipeline.ledger.store import FieldUpdate
@@ -78,6 +82,9 @@ class _Case:
     demolished_month: str = ""
     demolished_by_field: bool = False
     provisional: bool = False  # footprint is a disc around an inspector's point, not yet seen in imagery
+    dispatch_due: str = ""  # the last dispatch (派单): its field check's due date and unit
+    dispatch_unit: str = ""
+    checked_since_dispatch: bool = False  # a field event came after the last dispatch
 
 
 def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
@@ -103,6 +110,8 @@ class LedgerBuilder:
         *,
         registry: dict[str, str] | None = None,
         reserved: frozenset[str] = frozenset(),
+        units: UnitLayers | None = None,
+        dispatched: dict[tuple[str, str], dict[str, str]] | None = None,
     ) -> None:
         self.settings = settings
         self.areas = areas
@@ -118,6 +127,12 @@ class LedgerBuilder:
         self.new_by_month: Counter[str] = Counter()
         self.permitted_by_month: Counter[str] = Counter()
         self.last_imagery_month = ""
+        # dispatch (派单): the unit layers; the live ledger's dispatches by (case, date), which are part of the
+        # record like case ids (a redrawn grid or a late field update never rewrites a dispatch already made)
+        self.units = units
+        self.live_dispatched = dict(dispatched or {})
+        self._dispatched: set[tuple[str, str]] = set()
+        self._entered_warning: list[str] = []
 
     # -- events -------------------------------------------------------------------------------------
     def append(
@@ -138,8 +153,15 @@ class LedgerBuilder:
     ) -> Event:
         """Fold one event into ``case`` (refusing an illegal transition) and append it to the log."""
         if kind in LIFECYCLE_KINDS:
+            before = case.state
             case.state = next_state(case.state, kind, case_id=case.case_id, where=where)
             case.rebuild_pending = case.expansion_pending = False
+            if case.state == "warning" and before != "warning":
+                self._entered_warning.append(case.case_id)
+        if source == "field":
+            case.checked_since_dispatch = True
+        elif kind == "dispatched":
+            case.dispatch_due, case.dispatch_unit, case.checked_since_dispatch = deadline, actor, False
         if kind in FOOTPRINT_KINDS:
             assert geometry is not None  # imagery events always carry the flag polygon
             if case.footprint is None or case.provisional:
@@ -159,7 +181,7 @@ class LedgerBuilder:
             case.rebuild_pending = case.expansion_pending = False
         elif kind == "demolished":
             case.demolished_month, case.demolished_by_field = month, source == "field"
-        if deadline:
+        if deadline and kind not in ADMIN_KINDS:  # a dispatch's due date is not the case's deadline
             case.deadline = deadline
         case.n_events += 1
         case.last_event_at = max(case.last_event_at, at)
@@ -412,6 +434,66 @@ class LedgerBuilder:
         self.new_by_month[u.month] += 1
         log.info("%s: no case at x=%.2f, y=%.2f; opened field case %s", u.where, u.x, u.y, case_id)
         return case
+
+    # -- dispatch (派单) -----------------------------------------------------------------------------
+    def seeded(self) -> None:
+        """Seed cases are the bureau's existing record: a seed ``warning`` is not dispatched."""
+        self._entered_warning.clear()
+
+    def dispatch_new(self, month: str) -> None:
+        """After a month's imagery: dispatch every case that entered ``warning`` and is still one."""
+        ids = [c for c in dict.fromkeys(self._entered_warning) if self.cases[c].state == "warning"]
+        self._entered_warning.clear()
+        self._dispatch(ids, imagery_date(month), month)
+
+    def redispatch(self, month: str) -> None:
+        """At a month's end (after its alerts): dispatch again each case whose field check is overdue.
+
+        Dated the month's last day. A dispatch the live ledger holds for this month that the rules no longer
+        make (a late field update arrived) is kept: it was made and sent.
+        """
+        self._entered_warning.clear()
+        end = month_end(month).isoformat()
+        overdue = [str(a["case_id"]) for a in self.alerts if a["month"] == month and a["kind"] == "check_overdue"]
+        self._dispatch(overdue, end, month)
+        kept = sorted(
+            (at, case_id)
+            for (case_id, at), e in self.live_dispatched.items()
+            if e["month"] == month and (case_id, at) not in self._dispatched and case_id in self.cases
+        )
+        for at, case_id in kept:
+            self._dispatch([case_id], at, month)
+
+    def _dispatch(self, case_ids: Sequence[str], at: str, month: str) -> None:
+        """Append a ``dispatched`` event (unit, cell, due date) to each case, in the order given."""
+        case_ids = [c for c in case_ids if (c, at) not in self._dispatched]
+        fresh = [c for c in case_ids if (c, at) not in self.live_dispatched]
+        assigned: dict[str, pd.Series] = {}
+        if fresh:
+            units = self.units if self.units is not None else UnitLayers(Path("layers"), {})
+            geoms = gpd.GeoSeries([self.cases[c].footprint for c in fresh], crs=units.crs)
+            table = units.assign(geoms)
+            assigned = {c: table.iloc[i] for i, c in enumerate(fresh)}
+        days, holidays = self.settings.dispatch_due_days, [d.isoformat() for d in self.settings.dispatch_holidays]
+        for case_id in case_ids:
+            live = self.live_dispatched.get((case_id, at))
+            if live is not None:
+                actor, note, evidence, due = live["actor"], live["note"], live["evidence"], live["deadline"]
+            else:
+                actor, note, evidence = dispatch_target(assigned[case_id])
+                due = working_days_after(at, days, holidays)
+            self.append(
+                self.cases[case_id],
+                "dispatched",
+                source="dispatch",
+                at=at,
+                actor=actor,
+                evidence=evidence,
+                month=month,
+                deadline=due,
+                note=note,
+            )
+            self._dispatched.add((case_id, at))
 
     # -- alerts -------------------------------------------------------------------------------------
     def evaluate_alerts(self, month: str) -> None:

@@ -6,9 +6,9 @@ update, a permit match) is one event row; nothing is overwritten. Columns of the
 ``event_id``  16 hex digits of SHA-1 over ``case_id|at|kind|source|evidence``: the same inputs always
               give the same id, so a rebuilt ledger is identical.
 ``seq``       position in the log (processing order); the fold order of a case's events.
-``case_id``, ``at`` (ISO date), ``kind``, ``source`` (``seed`` | ``imagery`` | ``field`` | ``permit``),
+``case_id``, ``at`` (ISO date), ``kind``, ``source`` (``seed`` | ``imagery`` | ``field`` | ``permit`` | ``dispatch``),
 ``actor``, ``evidence`` (a flag id, or ``file:row``), ``month`` (``YYYY-MM`` the event was processed in),
-``deadline`` (ISO date for ``ordered``, else empty), ``category`` (on the opening event), ``note``,
+``deadline`` (ISO date for ``ordered`` and ``dispatched``, else empty), ``category`` (on the opening event), ``note``,
 geometry (the flag polygon for imagery events, the case footprint otherwise).
 
 Dates: imagery events are dated the **1st of their month**. A month's flags are processed before that
@@ -47,7 +47,15 @@ LIFECYCLE_KINDS: Final[tuple[str, ...]] = (
 OBSERVATION_KINDS: Final[tuple[str, ...]] = ("observed_present", "observed_removed", "expanded", "rebuilt")
 """Imagery observations: they annotate a case and never change its state."""
 
-EVENT_KINDS: Final[tuple[str, ...]] = LIFECYCLE_KINDS + OBSERVATION_KINDS
+ADMIN_KINDS: Final[tuple[str, ...]] = ("dispatched",)
+"""Administrative events: they record what the bureau did with a case and never change its state.
+
+``dispatched`` (派单, source ``dispatch``): the case was sent to its responsible unit for a field check;
+``actor`` is the unit, ``note`` the 网格 cell (or the fallback), ``deadline`` the check's due date,
+``evidence`` the layer feature that named the unit (``layers/grid.gpkg:<cell_id>``).
+"""
+
+EVENT_KINDS: Final[tuple[str, ...]] = LIFECYCLE_KINDS + OBSERVATION_KINDS + ADMIN_KINDS
 
 FIELD_KINDS: Final[tuple[str, ...]] = tuple(k for k in LIFECYCLE_KINDS if k != "flagged")
 # Field updates that may open a case at a point where the ledger has none: an inspector who finds
@@ -58,7 +66,7 @@ FIELD_OPENING_KINDS: Final[frozenset[str]] = frozenset({"confirmed", "dismissed"
 FOOTPRINT_KINDS: Final[frozenset[str]] = frozenset({"flagged", "observed_present", "expanded", "rebuilt"})
 """Events whose geometry extends the case footprint (the footprint is the union of their geometries)."""
 
-SOURCES: Final[tuple[str, ...]] = ("seed", "imagery", "field", "permit")
+SOURCES: Final[tuple[str, ...]] = ("seed", "imagery", "field", "permit", "dispatch")
 
 CATEGORIES: Final[tuple[str, ...]] = ("illegal_construction", "scar")
 
@@ -159,6 +167,18 @@ def month_end(month: str) -> dt.date:
 def month_index(month: str) -> int:
     """Return a month as a running count of months (``2026-03`` → 2026 * 12 + 2), for differences."""
     return int(month[:4]) * 12 + int(month[5:7]) - 1
+
+
+def working_days_after(day: str, n: int, holidays: Sequence[str] = ()) -> str:
+    """The ISO date ``n`` working days (Monday to Friday, not in ``holidays``) after ``day``.
+
+    A ``day`` that is no working day counts from the next one: Friday + 3 is Wednesday, Saturday + 3
+    is Thursday (numpy's business-day calendar, ``roll="forward"``).
+    """
+    import numpy as np
+
+    due = np.busday_offset(np.datetime64(day, "D"), n, roll="forward", holidays=list(holidays))
+    return str(due)
 
 
 def check_month_name(value: str, where: str) -> str:

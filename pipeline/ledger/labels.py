@@ -34,6 +34,7 @@ KIND_ZH: Final[dict[str, str]] = {
     "observed_removed": "影像已拆除",
     "expanded": "扩建",
     "rebuilt": "反弹重建",
+    "dispatched": "派单",
 }
 """Event kind (:data:`pipeline.ledger.events.EVENT_KINDS`) → Chinese name."""
 
@@ -50,5 +51,6 @@ ALERT_ZH: Final[dict[str, str]] = {
     "unrepaired_scar": "疮疤未修复",
     "demolition_unverified": "拆除未经影像核实",
     "removal_unrecorded": "影像已拆除但未登记",
+    "check_overdue": "派单核查逾期",
 }
 """Short Chinese names of the alert kinds (:data:`pipeline.ledger.alerts.ALERT_TEXT` holds the messages)."""

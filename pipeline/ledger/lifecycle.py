@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from pipeline.errors import IllegalTransitionError
-from pipeline.ledger.events import OBSERVATION_KINDS
+from pipeline.ledger.events import ADMIN_KINDS, OBSERVATION_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def next_state(state: str | None, kind: str, *, case_id: str = "?", where: str =
 
 
 def apply(state: str | None, kind: str, *, case_id: str = "?", where: str = "") -> str | None:
-    """Like :func:`next_state`, but imagery observations leave the state unchanged and never fail."""
-    if kind in OBSERVATION_KINDS:
+    """Like :func:`next_state`, but observations and administrative events (``dispatched``) leave the state."""
+    if kind in OBSERVATION_KINDS or kind in ADMIN_KINDS:
         return state
     return next_state(state, kind, case_id=case_id, where=where)
 
@@ -146,7 +146,7 @@ def fold_kinds(kinds: Iterable[str], *, case_id: str = "?") -> str:
     """
     state: str | None = None
     for kind in kinds:
-        if kind in OBSERVATION_KINDS and state is not None:
+        if (kind in OBSERVATION_KINDS or kind in ADMIN_KINDS) and state is not None:
             continue
         state = next_state(state, kind, case_id=case_id)  # an observation before 'flagged' is refused
     if state is None:
