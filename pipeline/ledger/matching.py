@@ -6,7 +6,8 @@ Rules (``d`` is ``ledger.match_distance_m``; distances are between polygons, 0 w
   it overlaps most, then the nearest, then the smallest case id. Dismissed cases are not matched, so
   new construction on a dismissed site opens a new case. The observation is
 
-  - ``rebuilt`` (反弹) when the case is demolished, repaired or closed, or imagery last saw it removed;
+  - ``rebuilt`` (反弹) when the case is demolished, repaired or closed (the builder then reopens it first:
+    ``reopened`` → ``warning``), or imagery last saw it removed;
   - ``expanded`` when the union of footprint and flag exceeds the footprint area by more than
     ``ledger.expand_ratio`` (change detection flags only the added part of an extension, so the union,
     not the flag alone, is compared);
