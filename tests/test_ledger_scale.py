@@ -11,13 +11,12 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
 import pytest
 import shapely
 from shapely.geometry import box
 
 from pipeline.config import LedgerSettings
-from pipeline.ledger import build_ledger, read_ledger
+from pipeline.ledger import read_ledger
 from pipeline.ledger.builder import LedgerBuilder
 from pipeline.ledger.lifecycle import REMOVED_STATES
 from pipeline.ledger.matching import is_expansion
@@ -139,68 +138,15 @@ def test_a_footprint_grown_this_month_catches_the_next_flag() -> None:
 # -- real polygons: Blackshark.ai Turkey 2023 change polygons and roofprints (CC BY-NC 4.0) -----------------
 
 
-def _blackshark(shared: Path) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, int]:
-    root = shared / "blackshark-turkey"
-    roofs = pd.concat([gpd.read_file(p) for p in sorted((root / "roofprints").glob("*.gpkg"))], ignore_index=True)
-    changes = pd.concat([gpd.read_file(p) for p in sorted((root / "changes").glob("*.gpkg"))], ignore_index=True)
-    missing = int((changes.geometry.isna() | changes.geometry.is_empty).sum())
-    changes = changes[~(changes.geometry.isna() | changes.geometry.is_empty)].reset_index(drop=True)
-    return gpd.GeoDataFrame(roofs, crs=roofs.crs), gpd.GeoDataFrame(changes, crs=changes.crs), missing
-
-
 @pytest.mark.realdata
 def test_blackshark_changes_against_roofprints_through_the_ledger_build(shared_data: Path, tmp_path: Path) -> None:
     """27,843 roofprints as seed cases (every other one closed), 582 change polygons as one month's flags."""
-    import resource
-    import time
-
-    from pipeline.formats import MU_M2
-
-    roofs, changes, missing = _blackshark(shared_data)
-    assert (len(roofs), len(changes), missing) == (27843, 582, 23)  # the data's README: 23 without geometry
-    month = "2023-02"
-    seeds = gpd.GeoDataFrame(
-        {
-            "case_id": [f"R{i:05d}" for i in range(len(roofs))],
-            "opened_at": "2022-06-01",
-            "state": ["closed" if i % 2 == 0 else "warning" for i in range(len(roofs))],
-            "category": "illegal_construction",
-            "note": "",
-            "deadline": "",
-        },
-        geometry=shapely.make_valid(roofs.geometry.values),
-        crs=roofs.crs,
-    )
-    raw = tmp_path / "raw"
-    (raw / "ledger").mkdir(parents=True)
-    seeds.to_file(raw / "ledger" / "cases.gpkg", layer="cases", driver="GPKG", engine="pyogrio")
-    area = changes.geometry.area
-    flags = gpd.GeoDataFrame(
-        {
-            "flag_id": [f"B{i:04d}" for i in range(len(changes))],  # flag-id order = file order
-            "month": month,
-            "kind": "new",
-            "area_m2": area,
-            "area_mu": area / MU_M2,
-            "p_mean": 1.0,
-            "p_max": 1.0,
-            "lon": 0.0,
-            "lat": 0.0,
-            "district": "",
-            "street": "",
-        },
-        geometry=changes.geometry.values,
-        crs=changes.crs,
-    )
-    (tmp_path / "flags").mkdir()
-    flags_path = tmp_path / "flags" / f"{month}.gpkg"
-    flags.to_file(flags_path, layer="flags", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-    t0 = time.perf_counter()
-    build_ledger([flags_path], raw, tmp_path / "ledger.gpkg", LedgerSettings(), months=[month])
-    seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    project = bench_ledger.blackshark_project(shared_data, tmp_path)
+    seeds, flags = project.seeds, project.flags
+    assert (len(seeds), len(flags), project.missing) == (27843, 582, 23)  # the data's README: 23 without geometry
+    seconds = bench_ledger.build_project(project)
+    sys.stderr.write(f"blackshark ledger build: {seconds:.1f} s\n")
     events, cases, _ = read_ledger(tmp_path / "ledger.gpkg")
-    sys.stderr.write(f"blackshark ledger build: {seconds:.1f} s, peak RSS {peak_mb:.0f} MB\n")
 
     imagery = events[events["source"] == "imagery"]
     on = imagery.groupby("evidence")["case_id"].agg(set)

@@ -87,6 +87,8 @@ def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
     """Return a valid polygonal geometry (repairing an invalid one), or raise LedgerError."""
     if geom is None or geom.is_empty:
         raise LedgerError(f"{where}: no geometry; draw the case polygon")
+    if geom.geom_type == "Polygon" and geom.is_valid:  # nearly every input: nothing to repair or take apart
+        return geom
     if not geom.is_valid:
         log.warning("%s: invalid polygon repaired with make_valid", where)
         geom = shapely.make_valid(geom)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
+from functools import cache
 from typing import Final
 
 from pipeline.errors import IllegalTransitionError
@@ -114,6 +115,7 @@ def apply(state: str | None, kind: str, *, case_id: str = "?", where: str = "") 
     return next_state(state, kind, case_id=case_id, where=where)
 
 
+@cache  # one search per state, not per seed case (a city seeds tens of thousands)
 def seed_path(state: str) -> tuple[str, ...]:
     """Return the shortest sequence of lifecycle kinds that leads from no case to ``state``.
 

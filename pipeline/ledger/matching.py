@@ -159,21 +159,21 @@ class FootprintIndex:
         without them the index is queried.
         """
         if candidates is None:
-            near = self._near(flag, distance)
-        else:
-            pos = np.asarray(sorted({self._pos[c] for c in candidates}), dtype=np.intp)
-            geoms = np.asarray([self._geoms[i] for i in pos], dtype=object)
-            near = pos[shapely.dwithin(geoms, flag, distance)] if pos.size else pos
-        hits = self._live(near)
-        if hits.size == 0:
+            near = self._near(flag, distance).tolist()
+        else:  # a handful at most: scalar calls cost less than building arrays
+            near = sorted(i for i in {self._pos[c] for c in candidates} if self._geoms[i].dwithin(flag, distance))
+        hits = [i for i in near if self._states[i] != "dismissed"]
+        if not hits:
             return None
-        geoms = np.asarray([self._geoms[i] for i in hits], dtype=object)
-        overlap = shapely.area(shapely.intersection(geoms, flag))
-        dist = shapely.distance(geoms, flag)
-        order = sorted(
-            range(hits.size), key=lambda k: (-round(float(overlap[k]), 6), float(dist[k]), self._ids[hits[k]])
-        )
-        i = int(hits[order[0]])
+        i = hits[0]
+        if len(hits) > 1:  # the one it overlaps most, then the nearest, then the smallest case id
+            geoms = np.asarray([self._geoms[k] for k in hits], dtype=object)
+            overlap = shapely.area(shapely.intersection(geoms, flag))
+            dist = shapely.distance(geoms, flag)
+            best = min(
+                range(len(hits)), key=lambda k: (-round(float(overlap[k]), 6), float(dist[k]), self._ids[hits[k]])
+            )
+            i = hits[best]
         case_id, state, footprint = self._ids[i], self._states[i], self._geoms[i]
         if state in REMOVED_STATES or self._removed_seen[i]:
             return Observation(case_id, "rebuilt")
