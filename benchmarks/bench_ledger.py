@@ -20,6 +20,11 @@ Usage::
 
 ``seconds`` is wall time, ``cpu_seconds`` the CPU time of the join (what a machine shared with a
 training run does not inflate); ``load_before``/``load_after`` the 1-minute load average.
+
+Measured 2026-12-01 on the 2-core Xeon beside a training run (load average 7): 100,000 flags x 50,000
+cases 8.2 s wall, 3.2 CPU-s, peak RSS 485 MB (254 MB before the join); ``--blackshark ../shared/data``
+(582 change polygons x 27,843 roofprints, the whole ``ledger build`` with its GeoPackage) 5.9 s, 393 MB.
+Run it at normal priority: under ``nice`` beside the training run the same join took 66 s of wall time.
 """
 
 from __future__ import annotations
