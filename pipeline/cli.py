@@ -443,6 +443,7 @@ def report(settings: Settings, month: str) -> str:
             "detect": {"method": settings.detect.method, "model": str(settings.detect.model)},
             "vectorize": settings.vectorize.model_dump(mode="json"),
         },
+        issued_dir=settings.paths.reports / "issued",  # no DVC output: `dvc repro` never deletes it
     )
     return f"monthly report -> {out}"
 

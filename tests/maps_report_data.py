@@ -172,7 +172,8 @@ def _events(xss: bool = False) -> list[Event]:
                 actor=actor,
                 evidence=FLAG_IDS.get(evidence, evidence),
                 month=at[:7],
-                geometry=case[7],
+                # an imagery observation carries its flag's polygon, as the ledger builder writes it
+                geometry=OTHER_FLAGS[evidence][2] if kind == "expanded" else case[7],
                 deadline=case[8] if kind == "ordered" else "",
                 category=case[2] if kind == "flagged" else "",
                 note=" ".join(XSS_PAYLOADS) if xss and source == "field" else "",

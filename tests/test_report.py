@@ -331,7 +331,9 @@ def test_pdf_text_holds_the_ledgers_headline_numbers(built: dict[str, Any]) -> N
     assert (n, a["area_m2"]) == (3, 450.0)  # the ledger's: C-001..C-003, 120 + 250 + 80 m²
     assert f"本月新增预警（违法建设）: {n} 处, {a['area_m2']:.1f} m² ({a['area_mu']:.3f} 亩)" in text
     assert f"New warnings this month (illegal construction): {n}, {a['area_m2']:.1f} m² ({a['area_mu']:.3f} mu)" in text
-    assert "扩建: 1 处 (C-008)" in text and "Expansions: 1 (C-008)" in text
+    # C-008's flag (20 x 10 m) grows its 200 m² square footprint by 58.6 m²
+    assert "扩建: 1 处, 58.6 m² (0.088 亩) (C-008)" in text and "Expansions: 1, 58.6 m² (0.088 mu) (C-008)" in text
+    assert "本月违法建设合计（新增 + 反弹 + 扩建）: 4 处, 508.6 m²" in text
     assert text.index("新增违法建设监测月报") < text.index("Monthly incremental construction report")
     for case in ("C-001", "C-002", "C-003", "C-005"):
         assert case in text

@@ -8,7 +8,8 @@ Processing order (the log order, ``seq``):
    filed for a month without imagery is never lost):
 
    a. ``new`` flags by ``flag_id``: an observation on a matching case (``observed_present``,
-      ``expanded``, ``rebuilt``; see :mod:`pipeline.ledger.matching`); else, inside a valid permit, a
+      ``expanded``, ``rebuilt``, the last after ``reopened`` at a demolished, repaired or closed case;
+      see :mod:`pipeline.ledger.matching`); else, inside a valid permit, a
       case that is opened and at once dismissed (``flagged`` then ``dismissed`` with source ``permit``,
       evidence ``layers/permits.gpkg:<permit_id>``, the case's ``permit_id`` set), so permitted
       construction is on record and counted apart; else a new case in state ``warning``. Its id is the

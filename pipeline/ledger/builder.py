@@ -12,9 +12,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import geopandas as gpd
+import numpy as np
 import pandas as pd
 import shapely
 from pyproj import CRS
@@ -37,8 +40,8 @@ from pipeline.ledger.events import (
     working_days_after,
 )
 from pipeline.ledger.grid import UnitLayers, dispatch_target
-from pipeline.ledger.lifecycle import STATES, STOP_STATES, next_state, seed_path
-from pipeline.ledger.matching import FootprintIndex, find_permit
+from pipeline.ledger.lifecycle import REMOVED_STATES, STATES, STOP_STATES, next_state, seed_path
+from pipeline.ledger.matching import FootprintIndex, PermitIndex
 from pipeline.ledger.store import FieldUpdate
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,8 @@ def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
     """Return a valid polygonal geometry (repairing an invalid one), or raise LedgerError."""
     if geom is None or geom.is_empty:
         raise LedgerError(f"{where}: no geometry; draw the case polygon")
+    if geom.geom_type == "Polygon" and geom.is_valid:  # nearly every input: nothing to repair or take apart
+        return geom
     if not geom.is_valid:
         log.warning("%s: invalid polygon repaired with make_valid", where)
         geom = shapely.make_valid(geom)
@@ -98,6 +103,29 @@ def _clean(geom: BaseGeometry, where: str) -> BaseGeometry:
     if not parts:
         raise LedgerError(f"{where}: geometry is {geom.geom_type}, not a polygon; draw the case polygon")
     return parts[0] if len(parts) == 1 else shapely.union_all(parts)
+
+
+class _Flag(NamedTuple):
+    flag_id: str
+    kind: str
+    district: str
+    street: str
+    geometry: BaseGeometry
+
+
+def _month_flags(flags: gpd.GeoDataFrame, path: Path) -> list[_Flag]:
+    """The flags' columns the join reads, as plain tuples, each polygon checked by :func:`_clean`.
+
+    Iterating a frame row by row costs more than the join itself at city scale; a valid, non-empty Polygon
+    (nearly every flag) needs no repair, so only the others go through :func:`_clean`.
+    """
+    geoms = np.asarray(flags.geometry.values, dtype=object)
+    fine = shapely.is_valid(geoms) & ~shapely.is_empty(geoms) & (shapely.get_type_id(geoms) == 3)
+    cols = [flags[c].astype(str).tolist() for c in ("flag_id", "kind", "district", "street")]
+    return [
+        _Flag(fid, kind, district, street, g if ok else _clean(g, f"{path} flag {fid}"))
+        for fid, kind, district, street, g, ok in zip(*cols, geoms, fine.tolist(), strict=True)
+    ]
 
 
 class LedgerBuilder:
@@ -277,22 +305,21 @@ class LedgerBuilder:
         """Join a month's flags to the cases (observations, permitted or new cases)."""
         d, at = self.settings.match_distance_m, imagery_date(month)
         number = 0
-        for i, flag in enumerate(flags.itertuples(index=False)):
-            if flag.kind != "new":
-                continue
-            geom = _clean(flag.geometry, f"{path} flag {flag.flag_id}")
-            obs = self.index.match_new(geom, d, self.settings.expand_ratio)
+        rows = _month_flags(flags, path)
+        new = [(i, f, f.geometry) for i, f in enumerate(rows) if f.kind == "new"]
+        join = self.index.month_join([g for _, _, g in new], d)  # spatial index: never every flag × every case
+        in_permit = PermitIndex(permits, month, d)
+        seen = partial(self.append, source="imagery", at=at, actor=IMAGERY_ACTOR, month=month)
+        for k, (i, flag, geom) in enumerate(new):
+            obs = self.index.match_new(geom, d, self.settings.expand_ratio, candidates=join.candidates(k))
             if obs is not None:
-                self.append(
-                    self.cases[obs.case_id],
-                    obs.kind,
-                    source="imagery",
-                    at=at,
-                    actor=IMAGERY_ACTOR,
-                    evidence=str(flag.flag_id),
-                    month=month,
-                    geometry=geom,
-                )
+                join.attach(k, obs.case_id)
+                matched = self.cases[obs.case_id]
+                if obs.kind == "rebuilt" and matched.state in REMOVED_STATES:
+                    # 反弹: the structure is back at a demolished/repaired/closed case, which reopens (same id)
+                    # and goes back to 'warning', to be dispatched and checked again; never counted closed
+                    seen(matched, "reopened", evidence=str(flag.flag_id), note="反弹 rebuilt")
+                seen(matched, obs.kind, evidence=str(flag.flag_id), geometry=geom)
                 continue
             case_id = self._assigned(str(flag.flag_id), f"{path} flag {flag.flag_id}")
             if not case_id:  # a new case: the next number no case ever had
@@ -305,18 +332,9 @@ class LedgerBuilder:
                 district, street = self._area_of(geom)
             case = _Case(case_id, "illegal_construction", at, month, district, street)
             self.cases[case_id] = case
-            self.append(
-                case,
-                "flagged",
-                source="imagery",
-                at=at,
-                actor=IMAGERY_ACTOR,
-                evidence=str(flag.flag_id),
-                month=month,
-                geometry=geom,
-                category="illegal_construction",
-            )
-            permit = find_permit(geom, permits, month, d)
+            join.attach(k, case_id)
+            seen(case, "flagged", evidence=str(flag.flag_id), geometry=geom, category="illegal_construction")
+            permit = in_permit.find(geom)
             if permit is not None:
                 case.permit_id = permit
                 self.append(
@@ -333,24 +351,12 @@ class LedgerBuilder:
             else:
                 self.new_by_month[month] += 1
             log.debug("flag %s (row %d) opened case %s", flag.flag_id, i + 1, case_id)
-        for flag in flags.itertuples(index=False):
-            if flag.kind != "removed":
-                continue
-            geom = _clean(flag.geometry, f"{path} flag {flag.flag_id}")
-            hits = self.index.match_removed(geom, d)
+        removed = [f for f in rows if f.kind == "removed"]
+        for flag, hits in zip(removed, self.index.match_removed_many([f.geometry for f in removed], d), strict=True):
             if not hits:
                 log.debug("removed flag %s matches no case", flag.flag_id)
             for case_id in hits:
-                self.append(
-                    self.cases[case_id],
-                    "observed_removed",
-                    source="imagery",
-                    at=at,
-                    actor=IMAGERY_ACTOR,
-                    evidence=str(flag.flag_id),
-                    month=month,
-                    geometry=geom,
-                )
+                seen(self.cases[case_id], "observed_removed", evidence=str(flag.flag_id), geometry=flag.geometry)
         self.last_imagery_month = month
 
     # -- field updates ------------------------------------------------------------------------------

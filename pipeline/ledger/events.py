@@ -41,8 +41,13 @@ LIFECYCLE_KINDS: Final[tuple[str, ...]] = (
     "demolished",
     "repaired",
     "closed",
+    "reopened",
 )
-"""Kinds that move a case through the lifecycle (see :mod:`pipeline.ledger.lifecycle`)."""
+"""Kinds that move a case through the lifecycle (see :mod:`pipeline.ledger.lifecycle`).
+
+``reopened`` is written by the ledger itself (source ``imagery``) when a ``new`` flag shows a structure
+back at a demolished, repaired or closed case (反弹): the case returns to ``warning`` and is dispatched
+again. An inspector reopens a case with ``confirmed`` instead (复查), so it is no field kind."""
 
 OBSERVATION_KINDS: Final[tuple[str, ...]] = ("observed_present", "observed_removed", "expanded", "rebuilt")
 """Imagery observations: they annotate a case and never change its state."""
@@ -57,7 +62,7 @@ ADMIN_KINDS: Final[tuple[str, ...]] = ("dispatched",)
 
 EVENT_KINDS: Final[tuple[str, ...]] = LIFECYCLE_KINDS + OBSERVATION_KINDS + ADMIN_KINDS
 
-FIELD_KINDS: Final[tuple[str, ...]] = tuple(k for k in LIFECYCLE_KINDS if k != "flagged")
+FIELD_KINDS: Final[tuple[str, ...]] = tuple(k for k in LIFECYCLE_KINDS if k not in ("flagged", "reopened"))
 # Field updates that may open a case at a point where the ledger has none: an inspector who finds
 # construction imagery missed confirms it (发现) or dismisses it (e.g. permitted); other kinds need a case.
 FIELD_OPENING_KINDS: Final[frozenset[str]] = frozenset({"confirmed", "dismissed"})

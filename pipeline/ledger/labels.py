@@ -34,6 +34,7 @@ KIND_ZH: Final[dict[str, str]] = {
     "observed_removed": "影像已拆除",
     "expanded": "扩建",
     "rebuilt": "反弹重建",
+    "reopened": "反弹重新立案",
     "dispatched": "派单",
 }
 """Event kind (:data:`pipeline.ledger.events.EVENT_KINDS`) → Chinese name."""

@@ -5,9 +5,11 @@ A case's state is a fold of its lifecycle events through :data:`TRANSITIONS`. Im
 fail: they only annotate the case. The table allows a step to be skipped forward where cities do so in
 practice (an owner demolishes after confirmation, an order without a prior stop), and it allows a
 closed-out case to be reopened with ``confirmed`` (复查: a rebuild confirmed on site, a dismissal
-reviewed). ``flagged`` only opens a case. Two kinds may repeat: ``ordered`` (a new deadline) and
-``dismissed`` (an inspector confirming on site a case the ledger already dismissed, e.g. one inside a
-permit, which the ledger dismisses on its own).
+reviewed). ``flagged`` only opens a case. ``reopened`` is the ledger's own reopening of a closed-out case
+when imagery sees the structure back (反弹): the case goes back to ``warning``, so it is dispatched and
+checked again like a new warning and counts as open (not closed, not demolished) from that month on.
+Two kinds may repeat: ``ordered`` (a new deadline) and ``dismissed`` (an inspector confirming on site a
+case the ledger already dismissed, e.g. one inside a permit, which the ledger dismisses on its own).
 
 ======================  ===================================================
 state                   allowed lifecycle kinds → next state
@@ -17,9 +19,9 @@ warning                 confirmed, dismissed
 confirmed               stopped, ordered, demolished, dismissed
 stopped                 ordered, demolished
 ordered                 ordered (new deadline), demolished
-demolished              repaired, closed, confirmed (reopen)
-repaired                closed, confirmed (reopen)
-closed                  confirmed (reopen)
+demolished              repaired, closed, confirmed (reopen), reopened → warning (rebuild)
+repaired                closed, confirmed (reopen), reopened → warning (rebuild)
+closed                  confirmed (reopen), reopened → warning (rebuild)
 dismissed               confirmed (reopen), dismissed (confirmed on site)
 ======================  ===================================================
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
+from functools import cache
 from typing import Final
 
 from pipeline.errors import IllegalTransitionError
@@ -63,9 +66,9 @@ TRANSITIONS: Final[dict[str | None, dict[str, str]]] = {
     "confirmed": {"stopped": "stopped", "ordered": "ordered", "demolished": "demolished", "dismissed": "dismissed"},
     "stopped": {"ordered": "ordered", "demolished": "demolished"},
     "ordered": {"ordered": "ordered", "demolished": "demolished"},
-    "demolished": {"repaired": "repaired", "closed": "closed", "confirmed": "confirmed"},
-    "repaired": {"closed": "closed", "confirmed": "confirmed"},
-    "closed": {"confirmed": "confirmed"},
+    "demolished": {"repaired": "repaired", "closed": "closed", "confirmed": "confirmed", "reopened": "warning"},
+    "repaired": {"closed": "closed", "confirmed": "confirmed", "reopened": "warning"},
+    "closed": {"confirmed": "confirmed", "reopened": "warning"},
     "dismissed": {"confirmed": "confirmed", "dismissed": "dismissed"},
 }
 """state (None before the first event) → {lifecycle kind: next state}."""
@@ -112,6 +115,7 @@ def apply(state: str | None, kind: str, *, case_id: str = "?", where: str = "") 
     return next_state(state, kind, case_id=case_id, where=where)
 
 
+@cache  # one search per state, not per seed case (a city seeds tens of thousands)
 def seed_path(state: str) -> tuple[str, ...]:
     """Return the shortest sequence of lifecycle kinds that leads from no case to ``state``.
 

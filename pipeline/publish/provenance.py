@@ -71,7 +71,8 @@ def imagery_quality(qa: Mapping[str, Any] | None, pair_dir: Path | None) -> dict
     }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -108,7 +109,7 @@ def model_card(model_path: Path | None, metrics_path: Path | None) -> dict[str, 
     return {
         "name": str(ckpt.get("arch", "?")),
         "path": str(model_path),
-        "sha256": _sha256(Path(model_path))[:12],
+        "sha256": file_sha256(Path(model_path))[:12],
         "threshold": _num(meta.get("threshold")),
         "object_threshold": _num(meta.get("object_threshold")),
         "scores": scores,
@@ -135,4 +136,4 @@ def params_digest(params_path: Path | None) -> dict[str, Any] | None:
     """The params file's path and SHA-256 (first 12 hex), or None without one."""
     if params_path is None or not Path(params_path).is_file():
         return None
-    return {"path": str(params_path), "sha256": _sha256(Path(params_path))[:12]}
+    return {"path": str(params_path), "sha256": file_sha256(Path(params_path))[:12]}

@@ -12,7 +12,13 @@ Conventions read from the ledger:
 - demolitions verified from imagery: an ``observed_removed`` event this month on a case with a
   ``demolished`` event; removals without a reported demolition and reported demolitions that imagery has
   not yet confirmed are listed too;
-- closure rate: closed cases / cases opened by the month's end that were not dismissed.
+- rebuilds (反弹): cases with a ``rebuilt`` observation this month (most were reopened from demolished,
+  repaired or closed to ``warning``), area the union of their rebuilt flags; expansions: cases with an
+  ``expanded`` observation, area the growth of the footprint; ``illegal_total`` = new + rebuilds + expansions;
+- closure rate: closed cases / cases opened by the month's end that were not dismissed (a reopened case is
+  not closed: its state at the month's end is what counts).
+
+With ``issued_dir`` each report is also an issued version (:mod:`pipeline.publish.issued`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from typing import Any
 
 import geopandas as gpd
 import pandas as pd
+import pyogrio
+import shapely
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from shapely.geometry.base import BaseGeometry
 
 from pipeline.config import ReportSettings, check_month
 from pipeline.errors import CorruptFileError, MissingInputError
@@ -41,10 +50,12 @@ from pipeline.formats import (
     QA_BLOCKS,
     QA_KEYS,
 )
+from pipeline.ledger.events import FOOTPRINT_KINDS
 from pipeline.ledger.labels import ALERT_ZH, FLAG_ZH, KIND_ZH, STATE_ZH
 from pipeline.ledger.lifecycle import OPEN_STATES, STATES
 from pipeline.ledger.view import MonthView, load_month_view
 from pipeline.publish.charts import charts
+from pipeline.publish.issued import plan_issue, write_issue
 from pipeline.publish.league import deadlines_as_of, league_table, month_end, previous_month
 from pipeline.publish.provenance import code_version, imagery_quality, model_card, params_digest
 
@@ -224,6 +235,14 @@ LABELS["zh"] |= {
     "command": "复现命令",
     "more": "另有 {n} 条未列出，见 JSON",
     "page": "第 {n} 页",
+    "illegal_total": "本月违法建设合计（新增 + 反弹 + 扩建）",
+    "reopened": "已重新立案",
+    "version": "第 {n} 版，签发于 {at}",
+    "revision": "修订说明：本版（第 {n} 版）替代 {at} 签发的第 {prev} 版",
+    "figure": "指标",
+    "old": "原值",
+    "new": "新值",
+    "cases_changed": "月末状态变化的案件",
 }
 LABELS["en"] |= {
     "headline": "Headline figures",
@@ -292,6 +311,14 @@ LABELS["en"] |= {
     "command": "Command",
     "more": "{n} more not listed; see the JSON",
     "page": "page {n}",
+    "illegal_total": "Illegal construction this month in all (new + rebuilt + expanded)",
+    "reopened": "reopened",
+    "version": "Version {n}, issued {at}",
+    "revision": "Revision note: this version ({n}) replaces version {prev} issued {at}",
+    "figure": "Figure",
+    "old": "old",
+    "new": "new",
+    "cases_changed": "Cases whose state at the month's end changed",
 }
 
 
@@ -470,6 +497,57 @@ def _share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
+def _footprints_before(events: pd.DataFrame, case_id: str, seq: int) -> BaseGeometry | None:
+    """A case's footprint just before log position ``seq``, as the ledger builder grows it.
+
+    The union of its footprint events' geometries in log order, except that a footprint an inspector's
+    point gave (source ``field``) is provisional and replaced by the next one
+    (:class:`pipeline.ledger.builder.LedgerBuilder.append`).
+    """
+    mine = events[(events["case_id"].astype(str) == case_id) & (events["seq"] < seq)]
+    footprint: BaseGeometry | None = None
+    provisional = False
+    for kind, source, geom in zip(mine["kind"], mine["source"].astype(str), mine.geometry, strict=True):
+        if kind not in FOOTPRINT_KINDS:
+            continue
+        footprint = geom if footprint is None or provisional else shapely.union(footprint, geom)
+        provisional = source == "field"
+    return footprint
+
+
+def rebuild_figures(events: pd.DataFrame, month: str) -> dict[str, Any]:
+    """The month's rebuilds (反弹): cases with a ``rebuilt`` observation, and the rebuilt area.
+
+    The area is that of the month's ``rebuilt`` flags on each case (their union); ``reopened`` lists the
+    cases the rebuild took back from demolished, repaired or closed to ``warning`` (the others were still
+    open while imagery had seen them gone).
+    """
+    this = events[(events["month"].astype(str) == month)]
+    rebuilt = this[this["kind"] == "rebuilt"]
+    per_case = rebuilt.groupby(rebuilt["case_id"].astype(str)).geometry.agg(lambda g: shapely.union_all(list(g)).area)
+    return {
+        "count": len(per_case),
+        **_area(per_case),
+        "case_ids": sorted(per_case.index),
+        "reopened": sorted(set(this.loc[this["kind"] == "reopened", "case_id"].astype(str))),
+    }
+
+
+def expansion_figures(events: pd.DataFrame, month: str) -> dict[str, Any]:
+    """The month's expansions (扩建): cases with an ``expanded`` observation, and the area they added.
+
+    The added area of one observation is the growth of the footprint it caused (footprint ∪ flag minus
+    footprint: change detection flags the added part, possibly overlapping the old roof).
+    """
+    this = events[(events["month"].astype(str) == month) & (events["kind"] == "expanded")]
+    added: dict[str, float] = {}
+    for case_id, seq, geom in zip(this["case_id"].astype(str), this["seq"], this.geometry, strict=True):
+        before = _footprints_before(events, case_id, int(seq))
+        grown = float(geom.area) if before is None else float(shapely.union(before, geom).area - before.area)
+        added[case_id] = added.get(case_id, 0.0) + grown
+    return {"count": len(added), **_area(pd.Series(added, dtype=float)), "case_ids": sorted(added)}
+
+
 def compute_figures(
     view: MonthView,
     *,
@@ -581,7 +659,7 @@ def compute_figures(
         )
     overdue.sort(key=lambda r: (-(r["days_overdue"] or 0), r["case_id"]))
 
-    rebuilds, expansions = ids(this_month, "rebuilt"), ids(this_month, "expanded")
+    rebuilds, expansions = rebuild_figures(events, month), expansion_figures(events, month)
     alert_items = [
         {
             "case_id": str(a.case_id),
@@ -604,8 +682,12 @@ def compute_figures(
             **_area(illegal["area_m2"]),
             "cases": [_row(c) for c in illegal.itertuples()],
         },
-        "rebuilds": {"count": len(rebuilds), "case_ids": rebuilds},
-        "expansions": {"count": len(expansions), "case_ids": expansions},
+        "rebuilds": rebuilds,
+        "expansions": expansions,
+        "illegal_total": {
+            "count": len(illegal) + rebuilds["count"] + expansions["count"],
+            **_area(pd.Series([float(illegal["area_m2"].sum()), rebuilds["area_m2"], expansions["area_m2"]])),
+        },
         "permitted": {
             "count": int(is_permit.sum()),
             **_area(new.loc[is_permit, "area_m2"]),
@@ -678,7 +760,10 @@ def headline(figures: Mapping[str, Any]) -> dict[str, Any]:
         "new_area_m2": figures["new_cases"]["area_m2"],
         "new_area_mu": figures["new_cases"]["area_mu"],
         "rebuilds": figures["rebuilds"]["count"],
+        "rebuild_area_m2": figures["rebuilds"]["area_m2"],
         "expansions": figures["expansions"]["count"],
+        "expansion_area_m2": figures["expansions"]["area_m2"],
+        "illegal_total_area_m2": figures["illegal_total"]["area_m2"],
         "permitted": figures["permitted"]["count"],
     }
     for kind in ("confirmed", "stopped", "ordered", "demolished", "repaired", "closed"):
@@ -691,6 +776,7 @@ def headline(figures: Mapping[str, Any]) -> dict[str, Any]:
         "alerts": figures["alerts"]["count"],
         "closure_rate": figures["closure_rate"],
         "imagery_usable": None if usable is None else bool(usable.get("ok")),
+        "report_version": (figures.get("issue") or {}).get("version"),
     }
     return out
 
@@ -792,8 +878,13 @@ def build_report(
     model_metrics_path: Path | None = None,
     params_path: Path | None = None,
     params: Mapping[str, Any] | None = None,
+    issued_dir: Path | None = None,
 ) -> Path:
     """Write the month's report as ``out_dir/<month>.{html,pdf,md}``, its figures as ``<month>.json``.
+
+    With ``issued_dir`` the report is also an issued version (:mod:`pipeline.publish.issued`): the first
+    one of the month, or one whose figures differ from the latest, is archived as the next
+    ``issued_dir/<month>/v<n>/``; the report names its version and, after v1, carries the revision note.
 
     Args:
         month: ``YYYY-MM``.
@@ -812,6 +903,7 @@ def build_report(
         model_metrics_path: ``models/metrics.json`` (the model's validation scores).
         params_path: params.yaml (its hash is printed).
         params: the params to print (e.g. the detect and vectorize sections).
+        issued_dir: the archive of issued versions (``<reports>/issued``); None: not issued (a preview).
 
     Returns:
         The HTML report's path.
@@ -843,6 +935,11 @@ def build_report(
         "values": json.loads(json.dumps(dict(params or {}), default=str)),
         "command": f"dvc repro report@{month}",
     }
+    issue = None
+    if issued_dir is not None:
+        states = dict(zip(view.cases["case_id"].astype(str), view.cases["state_at"].astype(str), strict=True))
+        issue = plan_issue(Path(issued_dir), month, headline(figures), states)
+    figures["issue"] = issue.as_figures() if issue is not None else None
     largest = largest_structures(view, figures, settings.thumbnails)
     if pair_dir is not None and largest and Path(pair_dir).is_dir():
         thumbnails(Path(pair_dir), view, largest, settings)
@@ -884,6 +981,17 @@ def build_report(
         tmp[metrics_path].write_text(
             json.dumps(headline(figures), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
+        if issue is not None and issue.new:  # archived before the month's files are swapped in
+            assert issued_dir is not None
+            sent = {p.name: tmp[p] for p in (html_path, md_path, pdf_path, figures_path) if p in tmp}
+            where = write_issue(
+                Path(issued_dir),
+                issue,
+                sent,
+                ledger_events=int(pyogrio.read_info(Path(ledger_path), layer="events")["features"]),
+                ledger_events_to_month=len(view.events),
+            )
+            log.info("issued %s as version %d -> %s", month, issue.version, where)
     log.info(
         "wrote %s (+ .md%s, .json), %s: %d new cases, %d alerts",
         str(html_path),
