@@ -349,16 +349,21 @@ GEOMETRY_TYPE = "MultiPolygon"
 """The one geometry type of every spatial ledger layer (a Polygon is stored as a one-part MultiPolygon)."""
 
 
+def typed_dates(values: pd.Series) -> pd.Series:
+    """ISO-text dates as Arrow ``date32`` ("" as null), which pyogrio's Arrow writer stores as ``DATE`` fields."""
+    return pd.Series(
+        [dt.date.fromisoformat(t[:10]) if (t := _text(v)) else None for v in values],
+        index=values.index,
+        dtype=pd.ArrowDtype(pa.date32()),  # DATE even when every value is null
+    )
+
+
 def _as_stored(frame: gpd.GeoDataFrame, layer: str) -> gpd.GeoDataFrame:
-    """The layer as written: ISO-text dates become ``datetime.date`` values ("" becomes null)."""
+    """The layer as written: its :data:`DATE_COLUMNS` typed (:func:`typed_dates`)."""
     out = frame.copy()
     for col in DATE_COLUMNS.get(layer, ()):
         if col in out.columns:
-            out[col] = pd.Series(
-                [dt.date.fromisoformat(t[:10]) if (t := _text(v)) else None for v in out[col]],
-                index=out.index,
-                dtype=pd.ArrowDtype(pa.date32()),  # DATE even when every value is null
-            )
+            out[col] = typed_dates(out[col])
     return out
 
 
@@ -393,6 +398,24 @@ def read_ledger_layer(
     return as_recorded(read_layer(path, layer, what=what, fix=fix, columns=columns), layer)
 
 
+def write_polygon_layer(path: Path, layer: str, frame: gpd.GeoDataFrame, *, description: str = "") -> None:
+    """Write one polygon layer to a GeoPackage as MultiPolygon (:data:`GEOMETRY_TYPE`), Arrow date columns as DATE.
+
+    pyogrio's Arrow writer is used because it stores ``date32`` columns (:func:`typed_dates`) as ``DATE``
+    fields, where the row-wise writer makes TEXT.
+    """
+    frame.to_file(
+        path,
+        layer=layer,
+        driver="GPKG",
+        engine="pyogrio",
+        geometry_type=GEOMETRY_TYPE,
+        promote_to_multi=True,
+        use_arrow=True,
+        layer_options={"DESCRIPTION": description} if description else None,
+    )
+
+
 def write_ledger(
     out_path: Path,
     events: gpd.GeoDataFrame,
@@ -418,16 +441,7 @@ def write_ledger(
     try:
         with atomic_path(out_path) as tmp:
             for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
-                # use_arrow writes datetime.date values as DATE fields (the row-wise writer makes TEXT)
-                _as_stored(frame, name).to_file(
-                    tmp,
-                    layer=name,
-                    driver="GPKG",
-                    engine="pyogrio",
-                    geometry_type=GEOMETRY_TYPE,
-                    promote_to_multi=True,
-                    use_arrow=True,
-                )
+                write_polygon_layer(tmp, name, _as_stored(frame, name))
             if registry is not None:
                 registry.to_file(
                     tmp,
