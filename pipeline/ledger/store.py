@@ -349,10 +349,22 @@ GEOMETRY_TYPE = "MultiPolygon"
 """The one geometry type of every spatial ledger layer (a Polygon is stored as a one-part MultiPolygon)."""
 
 
+def _date(value: object) -> dt.date | None:
+    """An ISO-text date, a date or a timestamp as a date; None for "", None, NaN and NaT."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, dt.datetime):  # pandas.Timestamp included
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    text = str(value).strip()
+    return dt.date.fromisoformat(text[:10]) if text else None
+
+
 def typed_dates(values: pd.Series) -> pd.Series:
-    """ISO-text dates as Arrow ``date32`` ("" as null), which pyogrio's Arrow writer stores as ``DATE`` fields."""
+    """Dates (ISO text, "" as null; or already dates) as Arrow ``date32``, which pyogrio stores as ``DATE``."""
     return pd.Series(
-        [dt.date.fromisoformat(t[:10]) if (t := _text(v)) else None for v in values],
+        [_date(v) for v in values],
         index=values.index,
         dtype=pd.ArrowDtype(pa.date32()),  # DATE even when every value is null
     )
