@@ -202,6 +202,7 @@ def test_the_live_ledger_is_one_geometry_type_per_layer_with_dates_and_rebuilds_
         ("raw/ledger/cases.gpkg/x.xlsx", r"the folder of -o raw/ledger/cases.gpkg/x.xlsx does not exist"),
         ("raw", r"raw: is a folder; give a file name"),
         ("out.csv", r"-o out.csv: a xlsx export must end in .xlsx; name it out.xlsx"),
+        ("processed/ledger.gpkg", r"-o processed/ledger.gpkg: is the live ledger; export to another file"),
     ],
 )
 def test_bad_targets_are_one_line_and_exit_2(
@@ -209,11 +210,14 @@ def test_bad_targets_are_one_line_and_exit_2(
 ) -> None:
     import re
 
-    result = run(project, "ledger", "export", "--format", "xlsx", "-o", out, monkeypatch=monkeypatch)
+    live = (project / "processed" / "ledger.gpkg").read_bytes()
+    fmt = "gpkg" if out == "processed/ledger.gpkg" else "xlsx"
+    result = run(project, "ledger", "export", "--format", fmt, "-o", out, monkeypatch=monkeypatch)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
     assert not (project / "nowhere").exists() and not (project / "out.csv").exists()
+    assert (project / "processed" / "ledger.gpkg").read_bytes() == live
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
@@ -237,3 +241,15 @@ def test_an_export_that_fails_leaves_the_previous_one_whole(project: Path, monke
     assert result.exit_code == 2 and "keep.xlsx: cannot write the xlsx export" in result.stderr
     assert path.read_bytes() == before
     assert sorted(p.name for p in project.iterdir() if p.name.startswith(("keep", ".keep"))) == ["keep.xlsx"]
+
+
+def test_the_format_comes_from_the_suffix_or_must_be_given(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run(project, "ledger", "export", "-o", "by_suffix.geojson", monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((project / "by_suffix.geojson").read_text(encoding="utf-8"))["type"] == "FeatureCollection"
+    result = run(project, "ledger", "export", "-o", "ledger.txt", monkeypatch=monkeypatch)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "scarwatch ledger export: error: give --format (xlsx, csv, geojson, gpkg) or an -o ending in one of "
+        ".xlsx, .csv, .geojson, .gpkg"
+    )

@@ -192,10 +192,12 @@ def export_ledger(
     """Write ``ledger`` to ``out`` as ``fmt`` (one of :data:`FORMATS`), atomically.
 
     Raises:
-        InputError: a bad target (:func:`check_out_path`).
+        InputError: a bad target (:func:`check_out_path`), or the live ledger itself.
         ScarWatchError: the file cannot be written (nothing is left at ``out`` but what was there).
     """
     out = check_out_path(out, fmt)
+    if out.resolve() == ledger.path.resolve():  # the record itself is never an export target
+        raise InputError(f"-o {out}: is the live ledger; export to another file")
     cases, events, alerts = tables(ledger, layers_dir, as_of=as_of)
     try:
         with atomic_path(out) as tmp:
