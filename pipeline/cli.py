@@ -289,7 +289,7 @@ def vectorize(settings: Settings, month: str) -> str:
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def ledger(ctx: click.Context) -> None:
-    """The scar ledger (台账), a store of record: build (the monthly stage; the default) and rebuild."""
+    """The scar ledger (台账), a store of record: build (the monthly stage; the default) and the commands below."""
     if ctx.invoked_subcommand is None:  # `scarwatch ledger` is `scarwatch ledger build`
         ctx.invoke(ledger_build)
 
@@ -325,6 +325,218 @@ def ledger_build(settings: Settings, allow_shrink: str | None = None) -> str:
         f"{summary.n_cases} cases, {summary.n_events} events ({summary.n_added} new), {summary.n_alerts} alerts "
         f"-> {summary.out_path}"
     )
+
+
+def _day(value: Any) -> Any:
+    """``--as-of`` as a date (today when not given)."""
+    import datetime as dt
+
+    return value.date() if value is not None else dt.date.today()
+
+
+_as_of_option = click.option(
+    "--as-of",
+    "as_of",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="Judge due dates on this day, YYYY-MM-DD (default: today).",
+)
+_print_format = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="A table to read, or CSV / JSON (English column names) for scripts.",
+)
+
+
+def _print_rows(frame: Any, columns: list[tuple[str, str]], fmt: str, title: str) -> None:
+    """Print ``frame``'s ``columns`` ((header, column) pairs) as a rich table, or as CSV/JSON with English names."""
+    if fmt != "table":
+        out = frame[[c for _, c in columns]]
+        text = out.to_csv(index=False) if fmt == "csv" else out.to_json(orient="records", force_ascii=False, indent=1)
+        click.echo(text.rstrip("\n"))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    if not len(frame):
+        click.echo(title)
+        return
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for header, column in columns:
+        table.add_column(header, no_wrap=column in ("case_id", "at", "due", "month"), overflow="fold")
+    for row in frame[[c for _, c in columns]].itertuples(index=False):
+        table.add_row(*("" if v is None or v != v else str(v) for v in row))
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # a pipe gets whole lines
+
+
+def _bilingual(frame: Any, zh: str, en: str, out: str) -> Any:
+    return frame.assign(**{out: frame[zh].astype(str) + " " + frame[en].astype(str)})
+
+
+@ledger.command(name="list")
+@click.option(
+    "--state", "states", multiple=True, help="Only cases in this state (stopped, 已制止 or 制止); repeatable."
+)
+@click.option("--district", "districts", multiple=True, help="Only cases in this district (区); repeatable.")
+@click.option("--unit", "units", multiple=True, help="Only cases of this responsible unit (网格 unit); repeatable.")
+@click.option("--overdue", is_flag=True, help="Only cases past their due date (a demolition order or a field check).")
+@click.option("--month", default=None, help="Only cases first seen this month, YYYY-MM.")
+@_as_of_option
+@_print_format
+@stage
+def ledger_list(
+    settings: Settings,
+    states: tuple[str, ...],
+    districts: tuple[str, ...],
+    units: tuple[str, ...],
+    overdue: bool,
+    month: str | None,
+    as_of: Any,
+    fmt: str,
+) -> str:
+    """List the cases of the live ledger (filters combine): state, place, unit, due date, overdue."""
+    from pipeline.ledger.query import case_table, open_ledger, select_cases
+
+    ledger = open_ledger(settings.ledger_path)
+    table = case_table(ledger, settings.layers_dir, as_of=_day(as_of))
+    rows = select_cases(table, states=states, districts=districts, units=units, overdue=overdue, month=month)
+    rows = _bilingual(_bilingual(rows, "state_zh", "state", "state_both"), "category_zh", "category", "category_both")
+    if fmt == "table":
+        rows = rows.assign(
+            overdue=rows["overdue"].map({True: "逾期 overdue", False: ""}),
+            area_m2=rows["area_m2"].map("{:.1f}".format),
+            area_mu=rows["area_mu"].map("{:.3f}".format),
+        )
+    columns = [
+        ("案件 case", "case_id"),
+        ("状态 state", "state_both" if fmt == "table" else "state"),
+        ("类别 category", "category_both" if fmt == "table" else "category"),
+        ("面积 m²", "area_m2"),
+        ("亩 mu", "area_mu"),
+        ("区 district", "district"),
+        ("街道 street", "street"),
+        ("网格 cell", "cell_id"),
+        ("责任单位 unit", "unit"),
+        ("立案 opened", "opened_at"),
+        ("最近 last event", "last_event_at"),
+        ("到期 due", "due"),
+        ("逾期 overdue", "overdue"),
+    ]
+    if fmt != "table":
+        columns[3:3] = [("", "state_zh")]
+    _print_rows(rows, columns, fmt, f"台账 ledger {settings.ledger_path}: {len(rows)} of {len(table)} cases")
+    return ""
+
+
+@ledger.command(name="show")
+@click.argument("case_id")
+@_print_format
+@stage
+def ledger_show(settings: Settings, case_id: str, fmt: str) -> str:
+    """Show one case: its current state and its timeline (every event, in log order)."""
+    from pipeline.ledger.labels import CATEGORY_ZH, STATE_ZH
+    from pipeline.ledger.query import case_timeline, open_ledger
+
+    ledger = open_ledger(settings.ledger_path)
+    case, events = case_timeline(ledger, case_id)
+    if fmt == "table":
+        click.echo(
+            f"{case['case_id']}: {STATE_ZH.get(case['state'], '')} {case['state']} · "
+            f"{CATEGORY_ZH.get(case['category'], '')} {case['category']} · {case['district']} {case['street']} · "
+            f"{float(case['area_m2']):.1f} m² · opened {case['opened_at']}, last event {case['last_event_at']}"
+            + (f" · deadline {case['deadline']}" if case["deadline"] else "")
+        )
+    rows = _bilingual(events, "kind_zh", "kind", "kind_both")
+    columns = [
+        ("#", "seq"),
+        ("日期 date", "at"),
+        ("事件 event", "kind_both" if fmt == "table" else "kind"),
+        ("来源 source", "source"),
+        ("执行人 actor", "actor"),
+        ("依据 evidence", "evidence"),
+        ("期限 deadline", "deadline"),
+        ("备注 note", "note"),
+    ]
+    if fmt != "table":  # each event row also says which case, and the case's state now
+        rows = rows.assign(case_id=case["case_id"], state=case["state"])
+        columns = [("", "case_id"), ("", "state"), *columns, ("", "kind_zh"), ("", "event_id")]
+    _print_rows(rows, columns, fmt, f"时间线 timeline ({len(rows)} events)")
+    return ""
+
+
+@ledger.command(name="export")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["xlsx", "csv", "geojson", "gpkg"]),
+    default=None,
+    help="xlsx (cases, events, alerts sheets), csv (cases), geojson (cases, WGS84), gpkg (QGIS/ArcGIS, styled). "
+    "Default: from the suffix of -o.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The file to write (its folder must exist). Default: <reports>/ledger/ledger.<format>.",
+)
+@_as_of_option
+@stage
+def ledger_export(settings: Settings, fmt: str | None, out: Path | None, as_of: Any) -> str:
+    """Export the live ledger for Excel, scripts, phone apps or QGIS/ArcGIS (written atomically)."""
+    from pipeline.errors import InputError
+    from pipeline.ledger.export import FORMATS, SUFFIX, Palette, export_ledger
+    from pipeline.ledger.query import open_ledger
+    from pipeline.publish.maplayers import ALERT_COLOR, STATE_COLORS
+
+    if fmt is None:
+        by_suffix = {v: k for k, v in SUFFIX.items()}
+        if out is None or out.suffix.lower() not in by_suffix:
+            raise InputError(
+                f"give --format ({', '.join(FORMATS)}) or an -o ending in one of {', '.join(SUFFIX.values())}"
+            )
+        fmt = by_suffix[out.suffix.lower()]
+    if out is None:
+        out = settings.paths.reports / "ledger" / f"ledger{SUFFIX[fmt]}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+    ledger = open_ledger(settings.ledger_path)
+    summary = export_ledger(
+        ledger, out, fmt, layers_dir=settings.layers_dir, as_of=_day(as_of), palette=Palette(STATE_COLORS, ALERT_COLOR)
+    )
+    return f"{summary.n_cases} cases, {summary.n_events} events, {summary.n_alerts} alerts -> {summary.out_path}"
+
+
+@ledger.command(name="alerts")
+@click.option("--month", default=None, help="Only the alerts of this month's end, YYYY-MM.")
+@_print_format
+@stage
+def ledger_alerts(settings: Settings, month: str | None, fmt: str) -> str:
+    """List the alerts of the live ledger (overdue, rebuild, expansion after a stop, ...), by month."""
+    from pipeline.ledger.labels import STATE_ZH
+    from pipeline.ledger.query import alert_table, open_ledger
+
+    ledger = open_ledger(settings.ledger_path)
+    rows = alert_table(ledger, month)
+    months = sorted(set(ledger.alerts["month"]))
+    rows = _bilingual(rows, "kind_zh", "kind", "kind_both")
+    rows = rows.assign(state_both=rows["state"].map(lambda s: f"{STATE_ZH.get(s, '')} {s}".strip()))
+    columns = [
+        ("月份 month", "month"),
+        ("案件 case", "case_id"),
+        ("提醒 alert", "kind_both" if fmt == "table" else "kind"),
+        ("状态 state", "state_both" if fmt == "table" else "state"),
+        ("说明", "message_zh"),
+        ("message", "message_en"),
+    ]
+    where = f"in {month}" if month else "in all months"
+    title = f"提醒 alerts {where}: {len(rows)}" + (
+        "" if len(rows) or not months else f" (months with alerts: {', '.join(months)})"
+    )
+    _print_rows(rows, columns, fmt, title)
+    return ""
 
 
 @ledger.command(name="rebuild")

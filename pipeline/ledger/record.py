@@ -96,14 +96,14 @@ def read_live(ledger_path: Path) -> Live:
     Raises:
         CorruptFileError: the ledger exists but cannot be read (it is never silently replaced).
     """
-    from pipeline.ledger.store import LAYERS, LEDGER_FIX
+    from pipeline.ledger.store import LAYERS, LEDGER_FIX, read_ledger_layer
 
     ledger_path = Path(ledger_path)
     if not ledger_path.exists():
         return Live(pd.DataFrame(), frozenset(), {}, _empty_registry())
     fix = "restore it from your backup, or move it away to start a new ledger (its events would be lost); " + LEDGER_FIX
-    events = read_layer(ledger_path, LAYERS[0], what="the live ledger", fix=fix)
-    cases = read_layer(ledger_path, LAYERS[1], what="the live ledger", fix=fix)
+    events = read_ledger_layer(ledger_path, LAYERS[0], what="the live ledger", fix=fix)  # dates as ISO text
+    cases = read_ledger_layer(ledger_path, LAYERS[1], what="the live ledger", fix=fix)
     import pyogrio
 
     names = [str(n) for n in pyogrio.list_layers(ledger_path)[:, 0]]

@@ -13,6 +13,7 @@ leaves the previous ledger intact and readers never see half a ledger.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import pyarrow as pa
+import shapely
 from pyproj import CRS
 
 from pipeline.errors import (
@@ -337,6 +340,94 @@ def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]
     return updates
 
 
+DATE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "events": ("at", "deadline"),
+    "cases": ("opened_at", "last_event_at", "deadline"),
+}
+"""The ledger's date columns by layer: stored as GeoPackage ``DATE`` fields, read back as ISO text ("" if null)."""
+GEOMETRY_TYPE = "MultiPolygon"
+"""The one geometry type of every spatial ledger layer (a Polygon is stored as a one-part MultiPolygon)."""
+
+
+def _date(value: object) -> dt.date | None:
+    """An ISO-text date, a date or a timestamp as a date; None for "", None, NaN and NaT."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, dt.datetime):  # pandas.Timestamp included
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    text = str(value).strip()
+    return dt.date.fromisoformat(text[:10]) if text else None
+
+
+def typed_dates(values: pd.Series) -> pd.Series:
+    """Dates (ISO text, "" as null; or already dates) as Arrow ``date32``, which pyogrio stores as ``DATE``."""
+    return pd.Series(
+        [_date(v) for v in values],
+        index=values.index,
+        dtype=pd.ArrowDtype(pa.date32()),  # DATE even when every value is null
+    )
+
+
+def _as_stored(frame: gpd.GeoDataFrame, layer: str) -> gpd.GeoDataFrame:
+    """The layer as written: its :data:`DATE_COLUMNS` typed (:func:`typed_dates`)."""
+    out = frame.copy()
+    for col in DATE_COLUMNS.get(layer, ()):
+        if col in out.columns:
+            out[col] = typed_dates(out[col])
+    return out
+
+
+def as_recorded(frame: gpd.GeoDataFrame, layer: str) -> gpd.GeoDataFrame:
+    """A ledger layer as the pipeline compares and folds it: the inverse of what :func:`write_ledger` stores.
+
+    Date fields come back as ``YYYY-MM-DD`` text ("" for null) and one-part MultiPolygons as the
+    Polygons the ledger built, so an event read back equals the same event replayed (the store of
+    record compares them, :mod:`pipeline.ledger.record`). Ledgers written before dates were typed
+    (text dates, mixed geometry types) read the same.
+    """
+    out = frame.copy()
+    for col in DATE_COLUMNS.get(layer, ()):
+        if col in out.columns and pd.api.types.is_datetime64_any_dtype(out[col]):
+            out[col] = out[col].dt.strftime("%Y-%m-%d").astype(object).where(out[col].notna(), "")
+    if isinstance(out, gpd.GeoDataFrame) and out.geometry.name in out.columns and len(out):
+        geoms = out.geometry.to_numpy()
+        single = (shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON) & (
+            shapely.get_num_geometries(geoms) == 1
+        )
+        if single.any():
+            geoms = geoms.copy()
+            geoms[single] = shapely.get_geometry(geoms[single], 0)
+            out = out.set_geometry(gpd.GeoSeries(geoms, index=out.index, crs=out.crs))
+    return out
+
+
+def read_ledger_layer(
+    path: Path, layer: str, *, what: str = "the ledger", fix: str = LEDGER_FIX, columns: tuple[str, ...] = ()
+) -> gpd.GeoDataFrame:
+    """Read one layer of a ledger GeoPackage (:func:`pipeline.fileio.read_layer`) as recorded (:func:`as_recorded`)."""
+    return as_recorded(read_layer(path, layer, what=what, fix=fix, columns=columns), layer)
+
+
+def write_polygon_layer(path: Path, layer: str, frame: gpd.GeoDataFrame, *, description: str = "") -> None:
+    """Write one polygon layer to a GeoPackage as MultiPolygon (:data:`GEOMETRY_TYPE`), Arrow date columns as DATE.
+
+    pyogrio's Arrow writer is used because it stores ``date32`` columns (:func:`typed_dates`) as ``DATE``
+    fields, where the row-wise writer makes TEXT.
+    """
+    frame.to_file(
+        path,
+        layer=layer,
+        driver="GPKG",
+        engine="pyogrio",
+        geometry_type=GEOMETRY_TYPE,
+        promote_to_multi=True,
+        use_arrow=True,
+        layer_options={"DESCRIPTION": description} if description else None,
+    )
+
+
 def write_ledger(
     out_path: Path,
     events: gpd.GeoDataFrame,
@@ -346,8 +437,11 @@ def write_ledger(
 ) -> Path:
     """Write the layers to ``out_path`` atomically (temporary file, then :func:`os.replace`).
 
+    ``events``, ``cases`` and ``alerts`` are written with one geometry type, MultiPolygon (so QGIS opens
+    each as one layer, not a choice of sublayers), and their dates (:data:`DATE_COLUMNS`) as ``DATE``
+    fields; :func:`read_ledger_layer` reads them back as the ISO text and Polygons the ledger built.
     ``registry`` (every case id ever assigned and what opened it, see :mod:`pipeline.ledger.record`) is
-    the fourth layer when given.
+    the fourth layer when given (no geometries).
 
     Returns:
         ``out_path``.
@@ -358,12 +452,16 @@ def write_ledger(
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:
-            layers = list(zip(LAYERS, (events, cases, alerts), strict=True))
+            for name, frame in zip(LAYERS, (events, cases, alerts), strict=True):
+                write_polygon_layer(tmp, name, _as_stored(frame, name))
             if registry is not None:
-                layers.append(("registry", registry))
-            for name, frame in layers:
-                frame.to_file(
-                    tmp, layer=name, driver="GPKG", engine="pyogrio", geometry_type="Unknown", promote_to_multi=False
+                registry.to_file(
+                    tmp,
+                    layer="registry",
+                    driver="GPKG",
+                    engine="pyogrio",
+                    geometry_type="Unknown",
+                    promote_to_multi=False,
                 )
     except (OSError, RuntimeError) as exc:  # pyogrio's errors are RuntimeErrors
         raise ScarWatchError(
@@ -389,7 +487,7 @@ def read_ledger(path: str | Path) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame, g
         raise MissingInputError(f"{path}: ledger not found; run `scarwatch ledger build` (or `dvc repro ledger`) first")
     frames = []
     for name in LAYERS:
-        frame = read_layer(path, name, what="the ledger", fix=LEDGER_FIX)
+        frame = read_ledger_layer(path, name)
         text = [
             c
             for c in frame.columns

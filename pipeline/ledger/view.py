@@ -22,7 +22,7 @@ from pipeline.ledger.alerts import ALERT_COLUMNS
 from pipeline.ledger.builder import CASE_COLUMNS
 from pipeline.ledger.events import EVENT_COLUMNS
 from pipeline.ledger.lifecycle import fold_kinds
-from pipeline.ledger.store import FLAG_COLUMNS, LEDGER_FIX
+from pipeline.ledger.store import FLAG_COLUMNS, LEDGER_FIX, read_ledger_layer
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def load_month_view(month: str, ledger_path: Path, flags_path: Path) -> MonthVie
         columns=FLAG_COLUMNS,
     )
     ledger = Path(ledger_path)
-    cases = read_layer(ledger, "cases", what="the ledger", fix=LEDGER_FIX, columns=CASE_COLUMNS)
-    events = read_layer(ledger, "events", what="the ledger", fix=LEDGER_FIX, columns=EVENT_COLUMNS)
-    alerts = read_layer(ledger, "alerts", what="the ledger", fix=LEDGER_FIX, columns=ALERT_COLUMNS)
+    cases = read_ledger_layer(ledger, "cases", columns=CASE_COLUMNS)  # dates as ISO text, as the ledger built them
+    events = read_ledger_layer(ledger, "events", columns=EVENT_COLUMNS)
+    alerts = read_ledger_layer(ledger, "alerts", columns=ALERT_COLUMNS)
     if not flags.crs.equals(cases.crs):
         raise CRSMismatchError(
             f"{flags_path} is in {flags.crs.to_string()!r} but {ledger_path} in {cases.crs.to_string()!r}; "
