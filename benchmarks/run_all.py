@@ -858,9 +858,10 @@ def notes(figs: dict[str, Any], d: dict[str, Any]) -> list[str]:
         "`tile.min_valid` never reach detect.",
         "",
         f"**bf16 and compile.** The compute floor is {_fmt(_ratio(f['compute_floor:bf16'], f['compute_floor:fp32']))}x faster in bf16 than fp32 in this run "
-        "(AVX512-BF16 on this AMD EPYC; no AMX). `--compile` adds bf16 + torch.compile; measured once by hand on this box under load 4-6: "
-        "74 s to compile, then 1.24 s per 512² tile against 1.83 s bf16 eager and 2.29 s fp32 (no flipped pixel), so compile pays after about 130 tiles "
-        "(a 6 km² month). The default stays fp32 eager: the calibrated F1 on the validation sets in bf16 (`scarwatch evaluate`) has not been measured, and "
+        "(AVX512-BF16 on this AMD EPYC; no AMX). `--compile` adds bf16 + torch.compile. Measured by hand on 2026-12-01 (not by make bench) in one process on 8 tiles of a 2048² pair "
+        "(load 7.0-8.1): 5.43 s per tile fp32, 3.13 s bf16 (1.73x), 2.17 s bf16 + compile (2.51x; first call 25 s with inductor's cache warm, "
+        "74 s cold), no pixel flipped at the threshold, largest probability difference 1.1e-4; so compile pays after about 25-75 tiles "
+        "(1-3 km²). The default stays fp32 eager: the calibrated F1 on the validation sets in bf16 (`scarwatch evaluate`) has not been measured, and "
         "evaluate predicts through `ChangeModel.predict`, which follows the CPU's fp32 policy, not `detect.precision`.",
         "",
         "**The torchgeo peer** (`part_torchgeo`): two `RasterDataset`s (one per epoch folder) in an `IntersectionDataset`, a `GridGeoSampler` with the "
