@@ -10,6 +10,9 @@ How it works:
 * **Prefetch.** Reader threads (``settings.workers``, each with its own handle on the pair) decode the
   next ``settings.prefetch`` batches while the model runs on the current one; on CUDA the reader also
   pins the batch and starts its upload on a side stream, so the model never waits on I/O or copies.
+  ``workers: 0`` starts no thread and reads each batch just before it runs (best on few CPU cores).
+* **Skipping.** A batch none of whose pixels is valid in both epochs is not run through the network
+  (its tiles are nodata anyway); the tile stage already drops tiles below ``tile.min_valid``.
 * **Padding.** Every tile is padded by reflection to the nominal tile size rounded up to a multiple of
   16 (partial edge tiles included), so every batch has one shape and networks with stride 16 fit.
 * **Blending.** Each tile's prediction is weighted by a separable window: ones in the middle, squared
@@ -326,7 +329,11 @@ def _local_results(
     predictor: Predictor,
     settings: DetectSettings,
 ) -> Generator[list[tuple[np.ndarray, np.ndarray]], None, None]:
-    """Predict batches in this process; reader threads keep ``prefetch`` batches decoded ahead."""
+    """Predict batches in this process; reader threads keep ``prefetch`` batches decoded ahead.
+
+    With ``settings.workers == 0`` no thread is started: each batch is read in this thread just before it
+    is predicted (on two cores the network already uses both, so a reader only competes with it).
+    """
     pairs = _ThreadPairs(opener, pair_dir)
 
     def read(batch: list[Tile]) -> tuple[Any, list[np.ndarray]]:
@@ -334,7 +341,12 @@ def _local_results(
         return predictor.prepare(x), valids
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="detect-read") as pool:
+        if settings.workers == 0:
+            for batch in batches:
+                prepared, valids = read(batch)
+                yield _predict_valid(predictor, prepared, valids, batch, pad_size)
+            return
+        with ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="detect-read") as pool:
             todo = iter(batches)
             pending: deque[tuple[list[Tile], Future[tuple[Any, list[np.ndarray]]]]] = deque()
 
@@ -343,16 +355,29 @@ def _local_results(
                 if batch is not None:
                     pending.append((batch, pool.submit(read, batch)))
 
-            for _ in range(settings.prefetch + max(1, settings.workers)):
+            for _ in range(settings.prefetch + settings.workers):
                 submit()
             while pending:
                 batch, future = pending.popleft()
                 prepared, valids = future.result()
                 submit()
-                probs = predictor(prepared)
-                yield [(probs[i, :, : t.height, : t.width], valids[i]) for i, t in enumerate(batch)]
+                yield _predict_valid(predictor, prepared, valids, batch, pad_size)
     finally:
         pairs.close()
+
+
+def _predict_valid(
+    predictor: Predictor, prepared: Any, valids: list[np.ndarray], batch: list[Tile], pad_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Predict a batch, skipping the network when no pixel of any of its tiles is valid in both epochs.
+
+    Such tiles come out as nodata whatever the network says (the blender masks them), so their
+    probabilities are zeros; a batch with some valid tiles runs whole (one shape per batch).
+    """
+    if not any(v.any() for v in valids):
+        return [(np.zeros((2, t.height, t.width), np.float32), valids[i]) for i, t in enumerate(batch)]
+    probs = predictor(prepared)
+    return [(probs[i, :, : t.height, : t.width], valids[i]) for i, t in enumerate(batch)]
 
 
 def _dask_results(

@@ -47,6 +47,20 @@ def _to_unit(arr: np.ndarray, dtype: str, scale16: tuple[float, float] | None) -
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def value_tables(luts: np.ndarray, dtype: str, scale16: tuple[float, float] | None) -> np.ndarray | None:
+    """Per-band tables (c, 256 or 65536) float32: the histogram-matched unit value of every stored value.
+
+    Entry ``v`` of band ``b`` is exactly what ``apply_luts(_to_unit(v))`` gives, so a lookup on the raw
+    uint8/uint16 pixels replaces the float conversion plus ``np.interp`` of every pixel (issue 15 measured
+    0.24 s against 2.0-2.6 s per 81 tiles of 512²); None for other dtypes (they keep the interpolation).
+    """
+    if dtype not in ("uint8", "uint16"):
+        return None
+    values = np.arange(256 if dtype == "uint8" else 65536, dtype=dtype)
+    unit = np.broadcast_to(_to_unit(values, dtype, scale16), (luts.shape[0], 1, values.size))
+    return coregister.apply_luts(np.ascontiguousarray(unit), luts)[:, 0, :]
+
+
 def _intersect(a: Win, b: Win) -> Win | None:
     c0, r0 = max(a[0], b[0]), max(a[1], b[1])
     c1, r1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
@@ -81,7 +95,8 @@ class _Mosaic:
     other sheet through a WarpedVRT onto the grid. The first sheet (by name) with data wins a pixel.
     """
 
-    def __init__(self, meta: dict[str, Any], role: str, transform: Affine) -> None:
+    def __init__(self, meta: dict[str, Any], role: str, transform: Affine, tables: np.ndarray | None = None) -> None:
+        self._tables = tables  # value tables (value_tables) applied to the raw pixels, or None
         self._crs = CRS.from_wkt(meta["crs"])
         self._bands = list(meta["bands"])
         self._dtype = meta["dtype"]
@@ -137,7 +152,10 @@ class _Mosaic:
     def read(self, win: Win, *, data: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Return ((c, h, w) float32 in [0, 1] or None, (h, w) bool mask) for ``win`` on the grid."""
         _, _, w, h = win
-        out = np.zeros((len(self._bands), h, w), np.float32) if data else None
+        out = None
+        if data:
+            out = np.empty((len(self._bands), h, w), np.float32)
+            out[:] = 0.0 if self._tables is None else self._tables[:, :1, None]  # what an empty pixel maps to
         mask = np.zeros((h, w), bool)
         for i, fp in enumerate(self._footprints):
             inter = _intersect(win, fp) if fp is not None else None
@@ -162,9 +180,14 @@ class _Mosaic:
             xs = slice(inter[0] - win[0], inter[0] - win[0] + inter[2])
             new = ok & ~mask[ys, xs]
             if out is not None and pix is not None and new.any():
-                np.copyto(out[:, ys, xs], _to_unit(pix, self._dtype, self._scale16), where=new)
+                np.copyto(out[:, ys, xs], self._unit(pix), where=new)
             mask[ys, xs] |= ok
         return out, mask
+
+    def _unit(self, pix: np.ndarray) -> np.ndarray:
+        if self._tables is None:
+            return _to_unit(pix, self._dtype, self._scale16)
+        return np.stack([np.take(self._tables[b], pix[b]) for b in range(pix.shape[0])])
 
     def close(self) -> None:
         self._stack.close()
@@ -213,6 +236,8 @@ class AlignedPair:
         self.shift_px = (float(meta["shift_px"][0]), float(meta["shift_px"][1]))
         luts = meta.get("luts")
         self._luts = np.asarray(luts["prev"], dtype=np.float64) if luts else None
+        scale16 = tuple(meta["scale16"]) if meta.get("scale16") else None
+        self._tables = value_tables(self._luts, meta["dtype"], scale16) if self._luts is not None else None  # type: ignore[arg-type]
         self._init_handles()
 
     def _init_handles(self) -> None:
@@ -280,7 +305,8 @@ class AlignedPair:
         h = getattr(self._local, "h", None)
         if h is None:
             stack = ExitStack()
-            prev = _Mosaic(self._meta, "prev", self.transform * Affine.translation(*self.shift_px))
+            shifted = self.transform * Affine.translation(*self.shift_px)
+            prev = _Mosaic(self._meta, "prev", shifted, self._tables)
             curr = _Mosaic(self._meta, "curr", self.transform)
             stack.callback(prev.close)
             stack.callback(curr.close)
@@ -320,7 +346,7 @@ class AlignedPair:
         prev, pmask = prev_m.read(win)
         curr, cmask = curr_m.read(win)
         assert prev is not None and curr is not None  # noqa: S101 - data=True always returns arrays
-        if self._luts is not None:
+        if self._luts is not None and self._tables is None:
             prev = coregister.apply_luts(prev, self._luts).astype(np.float32)
         valid = pmask & cmask
         if valid_ds is not None:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from pipeline.config import DetectSettings
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, first_line
 from pipeline.nets.checkpoint import ChangeModel
 from pipeline.nets.cva import FALLBACK_THRESHOLD, CvaStats, apply_cva, fit_cva
-from pipeline.nets.device import autocast, resolve_device
+from pipeline.nets.device import Precision, autocast, resolve_device
 
 if TYPE_CHECKING:
     from pipeline.pair import PairReader
@@ -77,23 +77,40 @@ class Predictor(Protocol):
 class ModulePredictor:
     """Runs a torch module that maps (b, 2, c, h, w) to logits (b, 2, h, w) (the ``pipeline.nets`` contract).
 
-    On CUDA: channels_last weights, :func:`pipeline.nets.device.autocast` (the inference precision policy),
-    batches pinned and uploaded with non-blocking copies on a side stream from the reader thread, so the
-    next batch uploads while the current one runs. On CPU: float32 on every core. Pickles with its weights
-    on the CPU, so a dask worker can rebuild it and pick its own device.
+    Always channels_last weights and :func:`pipeline.nets.device.autocast` (the inference precision policy:
+    ``precision`` on the CPU, bf16/fp16 autocast on CUDA). On CUDA, batches are pinned and uploaded with
+    non-blocking copies on a side stream from the reader thread, so the next batch uploads while the
+    current one runs. With ``compile`` the module goes through ``torch.compile`` (inductor, freezing on)
+    once per process, at the first batch; a batch smaller than the first is padded to its size so the
+    graph is never recompiled; if compiling fails, a WARNING names the error and the module runs eager.
+    Pickles with its weights on the CPU and without the compiled graph, so a dask worker rebuilds it.
 
     Args:
         module: the network; its output is taken as logits.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`pipeline.nets.device.resolve_device`).
         in_channels: bands the network expects (checked against the pair in :meth:`fit`); None skips it.
+        precision: ``fp32`` or ``bf16`` (CPU inference precision, ``detect.precision``).
+        compile: run the module through ``torch.compile`` (``detect.compile``).
     """
 
-    def __init__(self, module: torch.nn.Module | None, *, device: str = "auto", in_channels: int | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module | None,
+        *,
+        device: str = "auto",
+        in_channels: int | None = None,
+        precision: Precision = "fp32",
+        compile: bool = False,
+    ):
         self.module = module
         self.requested = device
         self.in_channels = in_channels
+        self.precision: Precision = precision
+        self.compile = compile
         self._device: torch.device | None = None
         self._stream: Any = None
+        self._compiled: Any = None
+        self._compiled_batch = 0
         self._lock = threading.Lock()
         self.threshold = 0.5  # decision threshold on the probabilities (a checkpoint carries a calibrated one)
         self.object_threshold: float | None = None  # minimum mean p of a flag (calibrated by evaluate)
@@ -103,7 +120,7 @@ class ModulePredictor:
         module = state["module"]
         if module is not None and any(p.device.type != "cpu" for p in module.parameters()):
             state["module"] = copy.deepcopy(module).cpu()
-        state.update(_device=None, _stream=None, _lock=None)
+        state.update(_device=None, _stream=None, _lock=None, _compiled=None, _compiled_batch=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -122,9 +139,12 @@ class ModulePredictor:
                 return str(self._device)
             device = resolve_device(self.requested)
             module = self._load(device).to(device).eval()
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if device.type == "cuda":
-                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
                 self._stream = torch.cuda.Stream(device=device)
+            if self.compile:
+                # inductor compiles lazily, at the first call (_forward); freezing folds the weights into it
+                self._compiled = torch.compile(module, dynamic=False, options={"freezing": True})
             self.module = module
             self._device = device
             return str(device)
@@ -155,17 +175,35 @@ class ModulePredictor:
         if isinstance(prepared, np.ndarray):
             prepared = self.prepare(prepared)
         assert self.module is not None and self._device is not None  # set by setup() in prepare()
-        with torch.inference_mode(), autocast(self._device):
+        with torch.inference_mode(), autocast(self._device, self.precision):
             if isinstance(prepared, tuple):
                 dev, event, _host = prepared
                 current = torch.cuda.current_stream(self._device)
                 current.wait_event(event)
                 dev.record_stream(current)
-                logits = self.module(dev)
+                logits = self._forward(dev)
             else:
-                logits = self.module(prepared)
+                logits = self._forward(prepared)
             probs = torch.sigmoid(logits.float())
         return probs.cpu().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled module where there is one (padding short batches to its batch size), else eager."""
+        assert self.module is not None  # noqa: S101 - set by setup()
+        if self._compiled is None:
+            return self.module(x)  # type: ignore[no-any-return]
+        b = x.shape[0]
+        if not self._compiled_batch:
+            self._compiled_batch = b
+        if b < self._compiled_batch:
+            pad = x.new_zeros((self._compiled_batch - b, *x.shape[1:]))
+            return self._forward(torch.cat([x, pad]))[:b]
+        try:
+            return self._compiled(x)  # type: ignore[no-any-return]
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager instead
+            log.warning("torch.compile failed (%s); detect runs the network uncompiled", first_line(exc))
+            self._compiled = None
+            return self.module(x)  # type: ignore[no-any-return]
 
 
 class CheckpointPredictor(ModulePredictor):
@@ -177,20 +215,22 @@ class CheckpointPredictor(ModulePredictor):
     Args:
         path: the checkpoint (``detect.model``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32`` or ``bf16`` (``detect.precision``).
+        compile: ``torch.compile`` the network (``detect.compile``).
 
     Raises:
         ModelError: the checkpoint does not exist.
     """
 
-    def __init__(self, path: Path, *, device: str = "auto"):
-        super().__init__(None, device=device)
+    def __init__(self, path: Path, *, device: str = "auto", precision: Precision = "fp32", compile: bool = False):
+        super().__init__(None, device=device, precision=precision, compile=compile)
         self.path = Path(path)
         if not self.path.exists():
             raise ModelError(f"{self.path}: checkpoint not found; set detect.model or run 'scarwatch train'")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(module=None, _device=None, _stream=None, _lock=None)
+        state.update(module=None, _device=None, _stream=None, _lock=None, _compiled=None, _compiled_batch=0)
         return state
 
     def _load(self, device: torch.device) -> torch.nn.Module:
@@ -269,4 +309,6 @@ def make_predictor(settings: DetectSettings) -> Predictor:
     """The predictor ``settings.method`` asks for (device resolved later, where the model runs)."""
     if settings.method == "cva":
         return CvaPredictor(sample_tiles=settings.cva_sample_tiles)
-    return CheckpointPredictor(settings.model, device=settings.device)
+    return CheckpointPredictor(
+        settings.model, device=settings.device, precision=settings.precision, compile=settings.compile
+    )

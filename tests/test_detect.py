@@ -406,3 +406,88 @@ def test_probability_encoding_is_what_vectorize_reads(tmp_path: Path) -> None:
     assert TAG_OBJECT_THRESHOLD not in tags and tag_float(tags, TAG_THRESHOLD, 0.6) == 0.8
     settings = resolve_thresholds(VectorizeSettings(), probability_tags("2026-03", "cnn", 0.7, 0.85))
     assert (settings.high, settings.min_p_mean) == (0.7, 0.85)
+
+
+def test_workers_zero_reads_in_the_model_thread_and_writes_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair_dir = make_pair(tmp_path)
+    threaded, _ = run(tmp_path, pair_dir, 64, 16)
+    started: list[int] = []
+    monkeypatch.setattr(det, "ThreadPoolExecutor", lambda *a, **k: started.append(1))  # must not be called
+    inline, summary = run(tmp_path, pair_dir, 64, 16, settings=DetectSettings(device="cpu", batch_size=3, workers=0))
+    assert started == [] and summary.n_tiles == 20
+    np.testing.assert_array_equal(inline, threaded)
+
+
+def test_batches_without_a_valid_pixel_skip_the_network(tmp_path: Path) -> None:
+    pair_dir = make_pair(tmp_path, height=64, width=192, invalid=False)
+    valid = np.load(pair_dir / "valid.npy")
+    valid[:, :128] = False  # the first two 64 px tiles (one batch of 2) have no valid pixel
+    np.save(pair_dir / "valid.npy", valid)
+    calls: list[int] = []
+
+    class Counting(ModulePredictor):
+        def __call__(self, prepared: Any) -> np.ndarray:
+            calls.append(int(prepared.shape[0]))
+            return super().__call__(prepared)
+
+    settings = DetectSettings(device="cpu", batch_size=2, workers=0)
+    probs, summary = run(tmp_path, pair_dir, 64, 0, settings=settings, predictor=Counting(ConvNet(), device="cpu"))
+    assert summary.n_tiles == 3 and calls == [1]  # only the last batch (one tile) ran
+    assert (probs[:, :, :128] == PROB_NODATA).all() and (probs[:, :, 128:] <= PROB_SCALE).all()
+
+
+def test_bf16_agrees_with_fp32_on_the_shipped_checkpoint() -> None:
+    """bf16 autocast on the CPU: thresholded masks of the shipped network agree with fp32 to 1 pixel in 10^3."""
+    shipped = Path(__file__).resolve().parents[1] / "models" / "scarnet.pt"
+    sys.path.insert(0, str(Path(__file__).with_name("data")))
+    from make_pinned import pinned_input
+
+    x = pinned_input()[None].astype(np.float32) / 255.0
+    fp32 = CheckpointPredictor(shipped, device="cpu")
+    bf16 = CheckpointPredictor(shipped, device="cpu", precision="bf16")
+    p32, p16 = fp32(x), bf16(x)
+    t = fp32.threshold
+    assert np.abs(p32 - p16).max() < 0.1
+    assert np.mean((p32 >= t) != (p16 >= t)) <= 1e-3 and (p32 >= t).any()
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(module: torch.nn.Module, **kw: Any) -> Any:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    predictor = ModulePredictor(ConvNet(), device="cpu", compile=True)
+    eager = ModulePredictor(ConvNet(), device="cpu")
+    x = np.random.default_rng(0).random((2, 2, 3, 16, 16), dtype=np.float32)
+    with caplog.at_level("WARNING", logger="pipeline.predictors"):
+        out = predictor(x)
+    np.testing.assert_allclose(out, eager(x), atol=1e-6)
+    assert "torch.compile failed (inductor: no C++ compiler)" in caplog.text
+    assert predictor._compiled is None
+
+
+def test_compiled_predictor_pads_a_short_batch_to_the_compiled_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[int] = []
+
+    def recording(module: torch.nn.Module, **kw: Any) -> Any:
+        assert kw["options"] == {"freezing": True} and kw["dynamic"] is False
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            shapes.append(int(x.shape[0]))
+            return module(x)  # type: ignore[no-any-return]
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording)
+    predictor = ModulePredictor(ConvNet(), device="cpu", compile=True)
+    x = np.random.default_rng(0).random((3, 2, 3, 16, 16), dtype=np.float32)
+    full, short = predictor(x), predictor(x[:1])
+    assert shapes == [3, 3] and short.shape == (1, 2, 16, 16)
+    np.testing.assert_allclose(short, full[:1], atol=1e-6)

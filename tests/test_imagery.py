@@ -319,6 +319,32 @@ def test_histogram_matching_removes_illumination_change(tmp_path: Path, scene: n
     assert lut.shape == (3, 256) and (np.diff(lut, axis=1) >= 0).all()
 
 
+def test_histogram_tables_on_raw_pixels_equal_the_interpolation(tmp_path: Path, scene: np.ndarray) -> None:
+    from pipeline import coregister
+    from pipeline.pair import _to_unit, value_tables
+
+    rng = np.random.default_rng(3)
+    luts = np.sort(rng.random((3, 256)), axis=1)
+    for dtype, scale16, top in (("uint8", None, 256), ("uint16", (2400.0, 2800.0), 65536)):
+        pix = rng.integers(0, top, (3, 40, 50)).astype(dtype)
+        tables = value_tables(luts, dtype, scale16)
+        assert tables is not None and tables.shape == (3, top) and tables.dtype == np.float32
+        looked_up = np.stack([np.take(tables[b], pix[b]) for b in range(3)])
+        np.testing.assert_array_equal(looked_up, coregister.apply_luts(_to_unit(pix, dtype, scale16), luts))
+    assert value_tables(luts, "float32", None) is None
+    # the whole read, shifted sub-pixel (warped) prev included: bit for bit what interpolating gave
+    curr = scene[:, :256, :256]
+    write_tif(tmp_path / "curr" / "c.tif", curr)
+    write_tif(tmp_path / "prev" / "p.tif", (curr * 0.6 + 20).astype(np.uint8), transform=T * Affine.translation(0.4, 0))
+    _align(tmp_path, AlignSettings(normalize=True))  # type: ignore[call-arg]
+    window = Window(10, 20, 200, 180)
+    with AlignedPair.open(tmp_path / "out") as fast, AlignedPair.open(tmp_path / "out") as slow:
+        slow._tables = None
+        assert fast._tables is not None
+        for got, want in zip(fast.read(window), slow.read(window), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_uint16_scaled_with_scale16(tmp_path: Path, scene: np.ndarray) -> None:
     img16 = np.concatenate([scene[:, :256, :256], scene[:1, :256, :256]]).astype(np.uint16) * 20  # about 2000..3200
     write_tif(tmp_path / "curr" / "c.tif", img16)

@@ -4,21 +4,27 @@
 network (``detect``, checkpoint loading, and training) resolves through it, so the same setting means
 the same device and fails with the same message everywhere.
 
-Inference precision (:func:`autocast`): on CUDA, autocast to bfloat16 where the GPU has native bf16
-(compute capability 8.0 and later), else float16; on the CPU, float32 without autocast. bf16 is what
-``train.amp: auto`` trains under, so the calibrated thresholds were found at the precision detection
-runs at; the CPU keeps float32 so that CPU results are exact and reproducible. ``ChangeModel.predict``
-(the model card) and ``detect`` (the monthly COG) both run under it, so the card measures what detect runs.
+Inference precision (:func:`autocast`, the ``detect.precision`` setting): on CUDA, autocast to bfloat16
+where the GPU has native bf16 (compute capability 8.0 and later), else float16, whatever the setting
+(bf16 is what ``train.amp: auto`` trains under, so the calibrated thresholds were found at that
+precision). On the CPU, ``fp32`` (the default) runs float32 without autocast, so CPU results are exact
+and reproducible; ``bf16`` autocasts to bfloat16 (fast where the CPU has AVX512-BF16 or AMX; the
+agreement with fp32 is measured in BENCHMARKS.md). ``ChangeModel.predict`` (the model card) and
+``detect`` (the monthly COG) both run under it, so the card measures what detect runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
 from pipeline.errors import DeviceError
+
+Precision = Literal["fp32", "bf16"]
+"""The CPU inference precisions ``detect.precision`` names (CUDA always autocasts; module docstring)."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -60,18 +66,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def inference_dtype(device: torch.device) -> torch.dtype | None:
+def inference_dtype(device: torch.device, precision: Precision = "fp32") -> torch.dtype | None:
     """The autocast dtype inference runs at on ``device`` (None: float32, no autocast); see the module docstring."""
     if device.type != "cuda":
-        return None
+        return torch.bfloat16 if precision == "bf16" else None
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
+def autocast(device: torch.device, precision: Precision = "fp32") -> Iterator[None]:
     """Run the network under the inference precision policy for ``device`` (module docstring)."""
-    dtype = inference_dtype(device)
+    dtype = inference_dtype(device, precision)
     if dtype is None:
         yield
         return
