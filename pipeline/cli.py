@@ -230,6 +230,18 @@ def align(settings: Settings, month: str) -> str:
     )
 
 
+def _pair_dir(settings: Settings, month: str) -> Path:
+    """The month's aligned pair folder, its sheet paths confined to ``paths.raw``.
+
+    An edited pair.json that points elsewhere is refused before the stage reads anything.
+    """
+    from pipeline.pair import check_sheet_paths
+
+    out = settings.pair_dir(month)
+    check_sheet_paths(out, [settings.paths.raw])
+    return out
+
+
 @cli.command()
 @month_option
 @stage
@@ -239,7 +251,7 @@ def tile(settings: Settings, month: str) -> str:
 
     settings.pair(month)
     out = settings.tiles_path(month)
-    tiles = tile_pair(settings.pair_dir(month), out, settings.tile)
+    tiles = tile_pair(_pair_dir(settings, month), out, settings.tile)
     return f"{len(tiles)} tiles of {settings.tile.size} px -> {out}"
 
 
@@ -258,7 +270,7 @@ def detect(settings: Settings, month: str, device: str | None, scheduler: str | 
     detect_settings = settings.detect.model_copy(update=overrides)
     out = settings.prob_path(month)
     summary = detect_pair(
-        settings.pair_dir(month),
+        _pair_dir(settings, month),
         settings.tiles_path(month),
         out,
         detect_settings,
@@ -577,7 +589,7 @@ def map_(settings: Settings, month: str) -> str:
         settings.map_path(month),
         settings=settings.map,
         layers_dir=settings.layers_dir if settings.layers_dir.is_dir() else None,
-        pair_dir=settings.pair_dir(month),
+        pair_dir=_pair_dir(settings, month),
         tiles_dir=settings.map_tiles_dir(month) if pyramid else None,
     )
     return f"inspector map -> {out}"
@@ -593,7 +605,7 @@ def map_tiles(settings: Settings, month: str) -> str:
 
     settings.pair(month)
     out = settings.map_tiles_dir(month)
-    with AlignedPair.open(settings.pair_dir(month)) as pair:
+    with AlignedPair.open(_pair_dir(settings, month)) as pair:
         summary = build_pyramid(pair, out, settings.map, month=month)
     p = summary.pyramid
     return (
@@ -610,7 +622,7 @@ def dispatch(settings: Settings, month: str) -> str:
     from pipeline.publish.dispatch import write_dispatch
 
     settings.pair(month)
-    pair_dir = settings.pair_dir(month)
+    pair_dir = _pair_dir(settings, month)
     out = settings.dispatch_dir(month)
     summary = write_dispatch(
         month,
@@ -632,7 +644,7 @@ def report(settings: Settings, month: str) -> str:
     from pipeline.publish.report import build_report
 
     pair = settings.pair(month)
-    pair_dir = settings.pair_dir(month)
+    pair_dir = _pair_dir(settings, month)
     qa = pair_dir / "qa.json"
     model = settings.detect.model if settings.detect.method == "cnn" else None
     out = build_report(

@@ -360,6 +360,22 @@ class AlignedPair:
         return prev_m.read(win, data=False)[1], curr_m.read(win, data=False)[1]
 
 
+def check_sheet_paths(out_dir: str | Path, roots: Sequence[str | Path]) -> None:
+    """Refuse the pair in ``out_dir`` if a sheet path of its ``pair.json`` leads out of ``roots``.
+
+    A stage calls this before it reads a pair (a missing or unreadable ``pair.json`` is left to the
+    stage's own message). Raises:
+        CorruptFileError: a sheet lies outside every root.
+    """
+    path = Path(out_dir) / PAIR_JSON
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        absolute = _absolute_sheet_paths(meta, Path(out_dir))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    _confine(absolute, [Path(r) for r in roots], path)
+
+
 def _confine(meta: dict[str, Any], roots: list[Path], path: Path) -> None:
     """Refuse a sheet path (already absolute) that lies outside every one of ``roots``.
 

@@ -85,3 +85,30 @@ def test_bad_delivery_is_one_line_exit_2_and_writes_nothing(tmp_path, name, make
     assert not (tmp_path / "interim" / "aligned" / "2026-02").exists()
     leftovers = list((tmp_path / "interim").rglob("*")) if (tmp_path / "interim").exists() else []
     assert [p for p in leftovers if p.is_file()] == []
+
+
+def test_a_pair_json_pointing_out_of_the_data_folder_is_refused_by_the_next_stage(tmp_path):
+    # pair.json is a file on disk: a sheet path edited to lead out of paths.raw stops `tile` (one line, exit 2)
+    # before any sheet is opened, and nothing is written.
+    raw = tmp_path / "raw"
+    _good(raw / "imagery" / "2026-01")
+    _good(raw / "imagery" / "2026-02")
+    _good(tmp_path / "elsewhere")
+    checkpoint = Path(__file__).resolve().parents[1] / "models" / "scarnet.pt"
+    (tmp_path / "params.yaml").write_text(
+        f'paths:\n  raw: {raw}\n  interim: {tmp_path / "interim"}\nmonths:\n  "2026-02": {{prev: "2026-01"}}\n'
+        f"detect:\n  model: {checkpoint}\n"
+    )
+    exe = Path(sys.executable).with_name("scarwatch")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    assert run("align", "--month", "2026-02").returncode == 0
+    meta_path = tmp_path / "interim" / "aligned" / "2026-02" / "pair.json"
+    meta_path.write_text(meta_path.read_text().replace("imagery/2026-01/s.tif", "../elsewhere/s.tif"))
+    proc = run("tile", "--month", "2026-02")
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"pair\.json: the prev sheet .*elsewhere.s\.tif lies outside the data folder .*raw", error)
+    assert not (tmp_path / "interim" / "tiles").exists()
