@@ -383,7 +383,7 @@ def ledger_import(settings: Settings, file: Path, dry_run: bool, month: str | No
     if dry_run:
         return f"{head}: would add {sum(s.new_events.values())} events ({kinds}); {skipped}; nothing written"
     if s.copy is None or (not s.copied and s.n_added == 0):
-        return f"{file}: already imported, nothing added ({skipped})"
+        return f"{file}: {'already imported, ' if s.already else ''}nothing added ({skipped})"
     where = f"copied to {s.copy}" if s.copied else f"already in the folder as {s.copy}"
     return f"{head}: {s.n_added} events added ({kinds}); {skipped}; {where} -> {settings.ledger_path}"
 

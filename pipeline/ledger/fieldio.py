@@ -457,7 +457,7 @@ def _month_from_rows(parsed: Iterable[tuple[int, list[object], dict[str, object]
                 "month, or give --month M (rows of other months are then refused)",
             )
         )
-    return min(months) if months else ""
+    return next(iter(months)) if len(months) == 1 else ""  # several: that one problem, no row is 'outside'
 
 
 def _check_row(

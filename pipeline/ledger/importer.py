@@ -338,7 +338,7 @@ def import_field_file(
     field_dir = raw_dir / FIELD_DIR
     digest = file_digest(path)
     existing = _same_content(field_dir, digest, path.stat().st_size)
-    if dry_run or (not new and existing is None):
+    if dry_run or not new:  # nothing new: the ledger already holds every row (or none is checked yet)
         return summary
     _clear_stale(field_dir)
     dest = existing or field_dir / f"{file_month}_{_stamp()}_{digest[:8]}{path.suffix.lower()}"
