@@ -38,7 +38,7 @@ import shapely
 from pyproj import CRS
 
 from pipeline.config import LedgerSettings, check_month
-from pipeline.errors import ConfigError, InputError, MissingInputError
+from pipeline.errors import ConfigError, IllegalTransitionError, InputError, MissingInputError
 from pipeline.fileio import atomic_path, remove_stale_temps
 from pipeline.ledger.build import build_ledger
 from pipeline.ledger.events import FIELD_OPENING_KINDS, LIFECYCLE_KINDS
@@ -53,7 +53,7 @@ from pipeline.ledger.fieldio import (
     order_updates,
     read_field_file,
 )
-from pipeline.ledger.lifecycle import TRANSITIONS
+from pipeline.ledger.lifecycle import TRANSITIONS, apply
 from pipeline.ledger.matching import FootprintIndex
 from pipeline.ledger.record import file_digest
 from pipeline.ledger.store import read_ledger
@@ -108,15 +108,24 @@ def _fold_live(events: pd.DataFrame, month: str) -> tuple[dict[str, _Fold], list
     for e in ordered.itertuples(index=False):
         case_id, kind, ev_month = str(e.case_id), str(e.kind), str(e.month)
         fold = folds.setdefault(case_id, _Fold(None))
-        if kind not in LIFECYCLE_KINDS:
-            continue  # observations and administrative events never change a state
         if ev_month > month:
             fold.later.append((kind, ev_month, str(e.evidence)))
-        elif ev_month == month and str(e.source) == "field":
+        elif ev_month == month and str(e.source) == "field" and kind in LIFECYCLE_KINDS:
             same_month.append((case_id, None, (str(e.at), kind, str(e.evidence))))
         else:
-            fold.state = TRANSITIONS.get(fold.state, {}).get(kind, fold.state)
+            fold.state = _replayed(fold.state, kind)
     return folds, same_month
+
+
+def _replayed(state: str | None, kind: str) -> str | None:
+    """The state after a live event of ``kind`` (the live ledger was built legal).
+
+    Kinds the lifecycle does not fold (observations, administrative events) leave the state as it is.
+    """
+    try:
+        return apply(state, kind)
+    except IllegalTransitionError:
+        return state
 
 
 def check_against_ledger(
@@ -224,6 +233,9 @@ def check_against_ledger(
             continue
         for kind, ev_month, evidence in fold.later:
             allowed = TRANSITIONS.get(fold.state, {})
+            if kind not in LIFECYCLE_KINDS:
+                fold.state = _replayed(fold.state, kind)
+                continue
             if kind not in allowed:
                 problems.append(
                     Problem(
