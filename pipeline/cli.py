@@ -573,6 +573,45 @@ def ledger_rebuild(settings: Settings, out: Path | None) -> str:
     return f"rebuild equals the live ledger: {result.n_events} events, {result.n_cases} cases ({result.ledger_path})"
 
 
+@ledger.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Only check the file against the live ledger; say what it would add.")
+@click.option("--month", "-m", default=None, help="The file's month, YYYY-MM (default: from its name, else its dates).")
+@stage
+def ledger_import(settings: Settings, file: Path, dry_run: bool, month: str | None) -> str:
+    """Check an inspector's field-update file (CSV or XLSX, a returned dispatch list) and add it to the ledger.
+
+    Every problem is one line on stderr (exit 2, nothing written). Otherwise the file is copied into the
+    field-update folder and its events are appended; importing the same rows again adds nothing.
+    """
+    from pipeline.errors import LedgerError
+    from pipeline.ledger.fieldio import FieldUpdateProblems
+    from pipeline.ledger.importer import import_field_file
+
+    try:
+        s = import_field_file(
+            file, ledger_path=settings.ledger_path, month=month, dry_run=dry_run, **_ledger_inputs(settings)
+        )
+    except FieldUpdateProblems as exc:
+        for line in exc.lines():
+            click.echo(line, err=True)
+        n = len(exc.problems)
+        raise LedgerError(
+            f"{file}: {n} problem{'s' if n > 1 else ''} (listed above); nothing was imported: fix "
+            f"{'them' if n > 1 else 'it'} and import again"
+        ) from None
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(s.new_events.items())) or "none"
+    read = f"{s.encoding}{f', sheet {s.sheet}' if s.sheet else ''}"
+    skipped = f"{s.not_checked} rows not yet checked skipped, {s.already} already in the ledger"
+    head = f"{file} ({read}, month {s.month})"
+    if dry_run:
+        return f"{head}: would add {sum(s.new_events.values())} events ({kinds}); {skipped}; nothing written"
+    if s.copy is None or (not s.copied and s.n_added == 0):
+        return f"{file}: {'already imported, ' if s.already else ''}nothing added ({skipped})"
+    where = f"copied to {s.copy}" if s.copied else f"already in the folder as {s.copy}"
+    return f"{head}: {s.n_added} events added ({kinds}); {skipped}; {where} -> {settings.ledger_path}"
+
+
 @cli.command(name="map")
 @month_option
 @stage

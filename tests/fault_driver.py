@@ -53,6 +53,22 @@ def _truncating_copy() -> None:
     rasterio.shutil.copy = copy
 
 
+def _half_copy_then_kill() -> None:
+    """A crash in the middle of ``ledger import``'s copy: half the bytes are in the temporary file."""
+    import shutil
+
+    def copyfile(src: Any, dst: Any, **kw: Any) -> Any:
+        with open(src, "rb") as fh:
+            data = fh.read()
+        with open(dst, "wb") as out:
+            out.write(data[: len(data) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        _kill()
+
+    shutil.copyfile = copyfile  # type: ignore[assignment]
+
+
 TARGETS: dict[str, tuple[str, str, int]] = {
     # point: (module[:class], function, strike on the nth call)
     "ledger-before-write": ("pipeline.ledger.build", "write_ledger", 1),
@@ -70,16 +86,24 @@ TARGETS: dict[str, tuple[str, str, int]] = {
     "map-write": ("pipeline.publish.maps", "build_map", 1),
     "report-write": ("pipeline.publish.report", "build_report", 1),
     "demo-write": ("pipeline.synth", "generate_demo", 1),
+    "import-before-copy": ("pipeline.ledger.importer", "_copy_in", 1),  # checked, nothing written yet
+    "import-before-append": ("pipeline.ledger.importer", "build_ledger", 1),  # the copy is in, no event yet
 }
 
 
 def install(point: str) -> None:
-    """Patch the function named by ``point`` (``kill:<target>``, ``enospc:<target>`` or ``detect-truncated-cog``)."""
+    """Patch the function named by ``point``.
+
+    ``kill:<target>``, ``enospc:<target>``, ``detect-truncated-cog`` or ``kill:import-half-copy``.
+    """
     import importlib
 
     kind, _, where = point.partition(":")
     if kind == "detect-truncated-cog":
         _truncating_copy()
+        return
+    if point == "kill:import-half-copy":
+        _half_copy_then_kill()
         return
     if where not in TARGETS or kind not in ("kill", "enospc"):
         raise SystemExit(f"unknown fault point {point!r}")

@@ -335,7 +335,10 @@ def test_inspector_opens_a_case_imagery_missed_and_imagery_confirms_it_later(tmp
         ({"at": "2026-02-10", "kind": "confirmed", "case_id": "NOPE"}, r"row 2: case 'NOPE' is not in the ledger"),
         ({"at": "2026-02-10", "kind": "flagged", "case_id": "W-1"}, r"row 2: kind 'flagged' is not a field"),
         ({"at": "2026-02-10", "kind": "expanded", "case_id": "W-1"}, r"imagery observations come from flags"),
-        ({"at": "10/02/2026", "kind": "confirmed", "case_id": "W-1"}, r"row 2: at '10/02/2026' is not an ISO date"),
+        (
+            {"at": "10/02/2026", "kind": "confirmed", "case_id": "W-1"},
+            r"row 2: at '10/02/2026' is not a date; write it like 2026-03-02",
+        ),
         ({"at": "2026-03-02", "kind": "confirmed", "case_id": "W-1"}, r"outside 2026-02; move the row to .*2026-03"),
         ({"at": "2026-02-10", "kind": "confirmed"}, r"row 2: neither case_id nor x,y"),
     ],

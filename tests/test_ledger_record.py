@@ -200,7 +200,9 @@ def test_rebuild_without_a_live_ledger(tmp_path: Path) -> None:
     ("name", "needle"),
     [
         ("2026-04.CSV", "rename it 2026-04.csv"),
-        ("2026-04.xlsx", "save the sheet as 'CSV UTF-8' named 2026-04.csv"),
+        ("2026-04.xls", "save the sheet as Excel Workbook (.xlsx)"),
+        ("2026-04.XLSX", "rename it 2026-04.xlsx"),
+        ("2026-04-unit-a.csv", "'2026-04-unit-a' is not a month"),
         ("April.csv", "'April' is not a month of the form YYYY-MM"),
         ("notes.txt", "move it out of the folder"),
     ],

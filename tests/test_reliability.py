@@ -174,6 +174,59 @@ def test_a_real_full_disk_on_tmpfs(tmp_path: Path) -> None:
         subprocess.run(["umount", str(disk)], check=False)
 
 
+# ------------------------------------------------------------------------------------------ ledger import
+
+IMPORT_ROWS = [  # a returned sheet, saved by a Chinese-locale Excel (GBK)
+    "案件编号 case_id,核查结果 finding,核查日期 checked_at,核查人 inspector",
+    "SW-202602-0002,确认,2026/3/12,张三",
+    "SW-202602-0001,制止,2026年3月15日,李四",
+    "SW-202603-0001,,,",
+]
+
+
+@pytest.fixture(scope="module")
+def import_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = make_project(tmp_path_factory.mktemp("import"))
+    assert cli(p, "ledger", "build").returncode == 0
+    (p / "returned.csv").write_bytes(("\r\n".join(IMPORT_ROWS) + "\r\n").encode("gbk"))
+    return p
+
+
+IMPORT_KILLS = [
+    "kill:import-before-copy",  # checked against the live ledger, nothing written
+    "kill:import-half-copy",  # half the file in the temporary copy
+    "kill:before-replace",  # the temporary copy complete, not yet renamed
+    "kill:import-before-append",  # the copy in the folder, the ledger not yet built
+    "kill:ledger-mid-write",  # during the GeoPackage write (after the events layer)
+    "kill:ledger-before-log",  # the new ledger in place, its audit line not yet written
+]
+
+
+@pytest.mark.parametrize("point", IMPORT_KILLS)
+def test_sigkill_of_ledger_import_loses_nothing(import_base: Path, tmp_path: Path, point: str) -> None:
+    p = Path(shutil.copytree(import_base, tmp_path / "p"))
+    src, folder, ledger = p / "returned.csv", p / "raw" / "field_updates", p / "processed" / "ledger.gpkg"
+    before_ids, before = event_ids(p), ledger.read_bytes()
+    proc = faulty(p, point, "ledger", "import", "returned.csv")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    copies = [f for f in folder.iterdir() if not f.name.startswith(".") and f.name != "2026-03.csv"]
+    assert all(f.read_bytes() == src.read_bytes() for f in copies)  # never a half file under a real name
+    assert len(copies) == (0 if point in IMPORT_KILLS[:3] else 1)
+    if point == "kill:ledger-before-log":
+        assert before_ids < event_ids(p)  # the events are in; only the log line is missing
+    else:
+        assert ledger.read_bytes() == before  # the live ledger untouched
+    rerun = cli(p, "ledger", "import", "returned.csv")  # the inspector's natural next step
+    assert rerun.returncode == 0, rerun.stderr
+    after = read_ledger(ledger)[0]
+    assert before_ids < set(after["event_id"])
+    field = after[(after["source"] == "field") & after["evidence"].str.startswith("field_updates/2026-03_")]
+    assert sorted(field["kind"]) == ["confirmed", "stopped"]  # each event once
+    assert len([f for f in folder.iterdir() if f.name != "2026-03.csv"]) == 1  # one copy, no temp left
+    assert hidden(p / "processed") == []
+    assert cli(p, "ledger", "rebuild").returncode == 0  # the folder and the ledger agree
+
+
 # ---------------------------------------------------------------------------- align, detect, vectorize
 
 PARAMS = """\

@@ -16,7 +16,9 @@ Processing order (the log order, ``seq``):
       one the live ledger's registry gave the flag, else ``SW-<YYYYMM>-<nnnn>``, the next number (in
       flag-id order) that no case ever had (seed, field and retired ids included): ids never move;
    b. ``removed`` flags by ``flag_id``: ``observed_removed`` on every matching case;
-   c. the month's field updates in row order; an illegal transition raises IllegalTransitionError.
+   c. the month's field updates, from all its files, by date then a stable key of their content
+      (:func:`pipeline.ledger.fieldio.order_updates`), a repeated finding once; an illegal transition
+      raises IllegalTransitionError.
    After a. and b., every case that entered ``warning`` this month (not one opened inside a permit) is
    dispatched (派单): a ``dispatched`` event, source ``dispatch``, dated like the imagery, naming the
    responsible unit of ``layers/grid.gpkg`` (or the street office, the district squad:
@@ -47,15 +49,13 @@ from pipeline.errors import ConfigError, MissingInputError
 from pipeline.ledger import record
 from pipeline.ledger.alerts import ALERT_TEXT as ALERT_TEXT  # re-exported: the old home of the alert texts
 from pipeline.ledger.builder import LedgerBuilder
+from pipeline.ledger.fieldio import FIELD_DIR, FieldUpdate, field_update_files, order_updates, read_field_updates
 from pipeline.ledger.grid import LAYER_FILES, UnitLayers
 from pipeline.ledger.lifecycle import STATES, fold_kinds
 from pipeline.ledger.record import Live
 from pipeline.ledger.store import (
-    FieldUpdate,
     check_crs,
-    field_update_files,
     read_areas,
-    read_field_updates,
     read_flags,
     read_ledger,
     read_permits,
@@ -156,11 +156,14 @@ def _read_inputs(flags_paths: Sequence[Path], raw_dir: Path, months: Sequence[st
         raise MissingInputError(
             f"{raw_dir}: no flags and no seed ledger, so the ledger has no CRS; give at least one month of flags"
         )
-    field_files = field_update_files(raw_dir / "field_updates")
-    updates = {m: read_field_updates(p, m, f"field_updates/{p.name}") for m, p in field_files.items()}
+    field_files = field_update_files(raw_dir / FIELD_DIR)
+    updates = {
+        m: order_updates(u for p in ps for u in read_field_updates(p, m, f"{FIELD_DIR}/{p.name}", crs=crs))
+        for m, ps in field_files.items()
+    }
     if permits is None:
         permits = gpd.GeoDataFrame({"permit_id": [], "valid_from": [], "valid_to": []}, geometry=[], crs=crs)
-    files = [*paths.values(), *field_files.values()]
+    files = [*paths.values(), *(p for ps in field_files.values() for p in ps)]
     layer_files = [raw_dir / "layers" / name for name in LAYER_FILES.values()]
     files += [p for p in dict.fromkeys((seeds_path, permits_path, areas_path, *layer_files)) if p.is_file()]
     return _Inputs(months, flags, paths, seeds, seeds_path, permits, areas, updates, files, crs, units)
@@ -226,7 +229,8 @@ def build_ledger(
     Args:
         flags_paths: the flag GeoPackages, one ``<month>.gpkg`` per month of ``months`` (others ignored).
         raw_dir: the raw input folder (``ledger/cases.gpkg``, ``layers/permits.gpkg``,
-            ``layers/streets.gpkg``, ``field_updates/<YYYY-MM>.csv``; each may be absent, with a warning).
+            ``layers/streets.gpkg``, ``field_updates/<YYYY-MM>[_<tag>].csv|.xlsx``; each may be absent, with a
+            warning).
         out_path: the ledger GeoPackage (layers ``events``, ``cases``, ``alerts``, ``registry``).
         settings: ``ledger`` section of params.yaml.
         months: the flag months to include, ``YYYY-MM``.

@@ -39,10 +39,10 @@ from pipeline.ledger.events import (
     parse_date,
     working_days_after,
 )
+from pipeline.ledger.fieldio import FieldUpdate
 from pipeline.ledger.grid import UnitLayers, dispatch_target
 from pipeline.ledger.lifecycle import REMOVED_STATES, STATES, STOP_STATES, next_state, seed_path
 from pipeline.ledger.matching import FootprintIndex, PermitIndex
-from pipeline.ledger.store import FieldUpdate
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class LedgerBuilder:
         self.live_dispatched = dict(dispatched or {})
         self._dispatched: set[tuple[str, str]] = set()
         self._entered_warning: list[str] = []
+        self.field_facts: dict[tuple[str, ...], str] = {}  # (case, at, kind, actor, note, deadline) -> evidence
 
     # -- events -------------------------------------------------------------------------------------
     def append(
@@ -361,7 +362,11 @@ class LedgerBuilder:
 
     # -- field updates ------------------------------------------------------------------------------
     def field(self, updates: Sequence[FieldUpdate]) -> None:
-        """Apply a month's field updates in row order (IllegalTransitionError names file and row)."""
+        """Apply a month's field updates in the order given (IllegalTransitionError names file and row).
+
+        An update that repeats one already applied to the same case (same date, kind, actor, note and
+        deadline, from another file) is applied once: re-importing rows under another name adds nothing.
+        """
         d = self.settings.match_distance_m
         for u in updates:
             if u.case_id:
@@ -395,6 +400,11 @@ class LedgerBuilder:
                         f"{u.where}: no case lies within {d:g} m of x={u.x:.2f}, y={u.y:.2f}; give case_id, "
                         f"fix the coordinates, or first report 'confirmed' there to open a case found in the field"
                     )
+            fact = (case.case_id, u.at, u.kind, u.actor, u.note, u.deadline)
+            if fact in self.field_facts:  # the same finding in another file (re-imported, re-encoded): one event
+                log.info("%s: the same update as %s; applied once", u.where, self.field_facts[fact])
+                continue
+            self.field_facts[fact] = u.evidence
             self.append(
                 case,
                 u.kind,

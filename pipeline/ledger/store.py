@@ -1,10 +1,9 @@
 """Reading the ledger's inputs and reading/writing the ledger GeoPackage (atomically).
 
 Inputs (see docs/architecture.md): flags ``<processed>/flags/<month>.gpkg`` layer ``flags``; the seed
-ledger ``<raw>/ledger/cases.gpkg`` layer ``cases``; permits ``<raw>/layers/permits.gpkg``; inspectors'
-updates ``<raw>/field_updates/<YYYY-MM>.csv``. The seed ledger, permits and field updates may be
-absent (then they are empty); flags may not. Row numbers in messages count like a spreadsheet: the CSV
-header is row 1, so the first update is row 2; GeoPackage features count from 1.
+ledger ``<raw>/ledger/cases.gpkg`` layer ``cases``; permits ``<raw>/layers/permits.gpkg``. The seed ledger and
+permits may be absent (then they are empty); flags may not. GeoPackage features count from 1 in messages.
+Inspectors' field updates are read by :mod:`pipeline.ledger.fieldio`.
 
 The ledger ``<processed>/ledger.gpkg`` has layers ``events``, ``cases`` and ``alerts``. It is written
 to a temporary file beside the target and moved over it with :func:`os.replace`, so a failed build
@@ -16,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -26,7 +24,6 @@ import shapely
 from pyproj import CRS
 
 from pipeline.errors import (
-    CorruptFileError,
     CRSError,
     CRSMismatchError,
     LedgerError,
@@ -34,7 +31,10 @@ from pipeline.errors import (
     ScarWatchError,
 )
 from pipeline.fileio import atomic_path, read_layer
-from pipeline.ledger.events import EVENT_KINDS, FIELD_KINDS, check_month_name, parse_date
+from pipeline.ledger.events import parse_date
+from pipeline.ledger.fieldio import FieldUpdate as FieldUpdate  # re-exported: they lived here before fieldio
+from pipeline.ledger.fieldio import field_update_files as field_update_files
+from pipeline.ledger.fieldio import read_field_updates as read_field_updates
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +60,6 @@ LEDGER_FIX = "run the 'ledger' stage (`scarwatch ledger build` or `dvc repro led
 SEED_FIX = "fix the seed ledger: a GeoPackage with layer 'cases' and columns " + ", ".join(SEED_COLUMNS)
 PERMIT_FIX = "fix the permits: one polygon layer with columns " + ", ".join(PERMIT_COLUMNS)
 AREAS_FIX = "fix the layer: polygons with 'district' (and 'street' in streets.gpkg)"
-
-
-@dataclass(frozen=True, slots=True)
-class FieldUpdate:
-    """One validated row of a field-update CSV (the case is resolved later, against the ledger)."""
-
-    source: str  # the file as named in evidence, relative to raw_dir: field_updates/2026-03.csv
-    path: Path
-    row: int
-    month: str
-    at: str
-    kind: str
-    actor: str
-    note: str
-    deadline: str
-    case_id: str
-    x: float | None
-    y: float | None
-
-    @property
-    def where(self) -> str:
-        """The file and row, for messages."""
-        return f"{self.path} row {self.row}"
-
-    @property
-    def evidence(self) -> str:
-        """The ``file:row`` evidence of the event this update becomes."""
-        return f"{self.source}:{self.row}"
 
 
 def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, what: str) -> None:
@@ -225,119 +197,6 @@ def read_areas(layers_dir: Path) -> tuple[gpd.GeoDataFrame | None, Path]:
             )
             return keep, path
     return None, layers_dir / "streets.gpkg"
-
-
-def field_update_files(field_dir: Path) -> dict[str, Path]:
-    """Return ``{month: path}`` of the field-update CSVs (``<YYYY-MM>.csv``) in ``field_dir``.
-
-    Raises:
-        LedgerError: a CSV there is not named after a month (its updates would otherwise be lost).
-    """
-    if not field_dir.exists():
-        log.warning("%s: no field-update folder; no field updates are applied", field_dir)
-        return {}
-    if not field_dir.is_dir():
-        raise LedgerError(f"{field_dir}: is not a folder; field updates go in a folder of <YYYY-MM>.csv files")
-    out: dict[str, Path] = {}
-    for path in sorted(field_dir.iterdir()):
-        if path.name.startswith((".", "~$")):  # editor lock and hidden files
-            log.debug("skipping %s", path)
-            continue
-        if path.suffix.lower() in (".xlsx", ".xls", ".ods"):
-            raise LedgerError(
-                f"{path}: field updates must be CSV; save the sheet as 'CSV UTF-8' named {path.stem}.csv "
-                "and remove this file"
-            )
-        if path.suffix != ".csv":
-            hint = f"rename it {path.stem}.csv" if path.suffix.lower() == ".csv" else "move it out of the folder"
-            raise LedgerError(f"{path}: not a field-update file (<YYYY-MM>.csv, lower-case .csv); {hint}")
-        if not path.is_file():
-            raise LedgerError(f"{path}: not a readable file (a folder, or a link to nothing); replace it with the CSV")
-        out[check_month_name(path.stem, f"{path}: field updates must be named <YYYY-MM>.csv; file name")] = path
-    return out
-
-
-def read_field_updates(path: Path, month: str, source: str) -> list[FieldUpdate]:
-    """Read and validate one month's field updates (every row, before any event is made).
-
-    Args:
-        path: the CSV (UTF-8, a BOM is accepted).
-        month: the month the file is named after; every ``at`` must fall in it.
-        source: the file as evidence names it (``field_updates/2026-03.csv``).
-
-    Raises:
-        CorruptFileError: the file cannot be parsed as CSV.
-        LedgerError: a column is missing, or a row has an unknown kind, a bad date, an ``ordered``
-            without deadline, or neither ``case_id`` nor ``x``,``y`` (the message names file and row).
-    """
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skip_blank_lines=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: not a readable UTF-8 CSV ({exc}); re-export it as CSV UTF-8") from exc
-    except pd.errors.EmptyDataError:
-        log.warning("%s is empty: no field updates for %s (if they were lost, restore the file)", path, month)
-        return []
-    table.columns = [str(c).strip() for c in table.columns]
-    _require_columns(table, ("at", "kind"), path, "field updates")
-    has_xy = "x" in table.columns and "y" in table.columns
-    if "case_id" not in table.columns and not has_xy:
-        raise LedgerError(f"{path}: field updates need a 'case_id' column or 'x' and 'y' columns; add them")
-    if table.empty:
-        log.warning("%s holds a header but no rows: no field updates for %s", path, month)
-        return []
-    start, end = f"{month}-01", f"{month}-31"
-    updates: list[FieldUpdate] = []
-    seen: dict[tuple[object, ...], int] = {}
-    for i, rec in enumerate(table.to_dict("records")):
-        row = i + 2
-        where = f"{path} row {row}"
-        cell = {k: _text(v) for k, v in rec.items()}
-        kind = cell["kind"]
-        if kind not in FIELD_KINDS:
-            hint = " (imagery observations come from flags)" if kind in EVENT_KINDS else ""
-            raise LedgerError(
-                f"{where}: kind {kind!r} is not a field update kind{hint}; use one of {', '.join(FIELD_KINDS)}"
-            )
-        at = parse_date(cell["at"], where, "at")
-        if not start <= at <= end:
-            raise LedgerError(f"{where}: at {at} is outside {month}; move the row to field_updates/{at[:7]}.csv")
-        deadline = parse_date(cell.get("deadline", ""), where, "deadline", required=kind == "ordered")
-        if deadline and deadline < at:
-            raise LedgerError(f"{where}: deadline {deadline} is before at {at}; fix the deadline")
-        x = y = None
-        if not cell.get("case_id") and has_xy and (cell["x"] or cell["y"]):
-            try:
-                x, y = float(cell["x"]), float(cell["y"])
-            except ValueError:
-                raise LedgerError(
-                    f"{where}: x {cell['x']!r}, y {cell['y']!r} are not numbers; give map coordinates"
-                ) from None
-            if not (math.isfinite(x) and math.isfinite(y)):
-                raise LedgerError(f"{where}: x, y must be finite map coordinates; fix them")
-        elif not cell.get("case_id"):
-            raise LedgerError(f"{where}: neither case_id nor x,y is given; give the case id or its map coordinates")
-        key = (cell.get("case_id", ""), x, y, at, kind, cell.get("actor", ""), cell.get("note", ""), deadline)
-        if key in seen:  # the same fact twice (a pasted row): one event, the first row's
-            log.warning("%s: repeats row %d; applied once", where, seen[key])
-            continue
-        seen[key] = row
-        updates.append(
-            FieldUpdate(
-                source=source,
-                path=path,
-                row=row,
-                month=month,
-                at=at,
-                kind=kind,
-                actor=cell.get("actor", ""),
-                note=cell.get("note", ""),
-                deadline=deadline,
-                case_id=cell.get("case_id", ""),
-                x=x,
-                y=y,
-            )
-        )
-    return updates
 
 
 DATE_COLUMNS: dict[str, tuple[str, ...]] = {
