@@ -88,12 +88,15 @@ def _ledger(updates: Sequence[FieldUpdate]) -> tuple[pd.DataFrame, dict[str, str
 
 @st.composite
 def walks(draw: st.DrawFn) -> dict[str, list[tuple[int, str]]]:
-    """A legal history per case: (day, kind) steps through TRANSITIONS from 'warning', days increasing."""
+    """A legal history per case: (day, kind) steps through TRANSITIONS from 'warning', days increasing.
+
+    Only kinds an inspector may write (FIELD_KINDS): ``reopened`` is the ledger's own, from imagery.
+    """
     out: dict[str, list[tuple[int, str]]] = {}
     for case_id in CASES:
         state, day, steps = "warning", 1, []
         for _ in range(draw(st.integers(0, 5))):
-            kind = draw(st.sampled_from(sorted(TRANSITIONS[state])))
+            kind = draw(st.sampled_from(sorted(k for k in TRANSITIONS[state] if k in FIELD_KINDS)))
             day += draw(st.integers(1, 5))
             steps.append((day, kind))
             state = TRANSITIONS[state][kind]
