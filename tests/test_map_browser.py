@@ -137,6 +137,13 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
+    def center(self, element: str) -> tuple[float, float]:
+        """The viewport centre of the element the JS expression ``element`` evaluates to (to click it)."""
+        x, y = self.js(
+            f"(function(){{var r=({element}).getBoundingClientRect();return [r.left+r.width/2, r.top+r.height/2];}})()"
+        )
+        return x, y
+
     def drag(self, x0: float, y0: float, x1: float, y1: float) -> None:
         self.send("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1)
         for t in np.linspace(0, 1, 8):
@@ -402,11 +409,7 @@ def test_an_alert_links_to_its_case_and_filters_hide_features(page: Path, browse
         "SW.map.setView(a.getLatLng(),18,{animate:false});a.openPopup();})()"
     )
     browser.idle(0.3)
-    link = browser.js(
-        "(function(){var r=document.querySelector('.leaflet-popup a.sw-go').getBoundingClientRect();"
-        "return [r.left + r.width / 2, r.top + r.height / 2];})()"
-    )
-    browser.click(*link)
+    browser.click(*browser.center("document.querySelector('.leaflet-popup a.sw-go')"))
     browser.idle(0.4)
     text = browser.js("document.querySelector('.leaflet-popup-content').textContent")
     assert "案件 Case C-008" in text and "制止" in text
@@ -449,20 +452,14 @@ def test_locate_and_copy_coordinates(page: Path, browser: Browser) -> None:
     browser.call("Browser.grantPermissions", permissions=["geolocation"])
     browser.send("Emulation.setGeolocationOverride", latitude=43.8845, longitude=126.0101, accuracy=8)
     browser.open(page, 390, 844, mobile=True)
-    gps = browser.js(
-        "(function(){var b=Array.from(document.querySelectorAll('.sw-btn')).find(b=>b.title.indexOf('Locate')>=0);"
-        "var r=b.getBoundingClientRect();return [r.left+r.width/2, r.top+r.height/2];})()"
+    browser.click(
+        *browser.center("Array.from(document.querySelectorAll('.sw-btn')).find(b=>b.title.indexOf('Locate')>=0)")
     )
-    browser.click(*gps)
     browser.idle(1.0)
     center = browser.js("[SW.map.getCenter().lat, SW.map.getCenter().lng, SW.map.getZoom()]")
     assert center[0] == pytest.approx(43.8845, abs=1e-4) and center[1] == pytest.approx(126.0101, abs=1e-4)
     assert center[2] >= 17
-    copy = browser.js(
-        "(function(){var b=document.querySelector('.sw-coords .sw-btn');"
-        "var r=b.getBoundingClientRect();return [r.left+r.width/2, r.top+r.height/2];})()"
-    )
-    browser.click(*copy)
+    browser.click(*browser.center("document.querySelector('.sw-coords .sw-btn')"))
     browser.idle(0.3)
     copied = browser.js("SW.copied")
     lat, lon = (float(v) for v in copied.split(","))
