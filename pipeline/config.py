@@ -121,7 +121,8 @@ class DetectSettings(_Section):
     workers: int = Field(2, ge=0)
     prefetch: int = Field(default=2, ge=1)  # batches read ahead of the model
     cva_sample_tiles: int = Field(default=64, ge=1)  # tiles sampled to fit the CVA threshold
-    precision: Literal["fp32", "bf16"] = "fp32"  # CPU inference: float32, or bf16 autocast (pipeline.nets.device)
+    # CPU inference: bf16 autocast where the CPU has bf16 instructions (auto), float32, or bf16 (pipeline.nets.device)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False  # torch.compile the network once per run (freezing); falls back to eager on failure
 
 

@@ -29,7 +29,7 @@ from pipeline.config import DetectSettings
 from pipeline.errors import ModelError, first_line
 from pipeline.nets.checkpoint import ChangeModel
 from pipeline.nets.cva import FALLBACK_THRESHOLD, CvaStats, apply_cva, fit_cva
-from pipeline.nets.device import Precision, autocast, resolve_device
+from pipeline.nets.device import Precision, autocast, cpu_precision, resolve_device
 
 if TYPE_CHECKING:
     from pipeline.pair import PairReader
@@ -89,7 +89,7 @@ class ModulePredictor:
         module: the network; its output is taken as logits.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`pipeline.nets.device.resolve_device`).
         in_channels: bands the network expects (checked against the pair in :meth:`fit`); None skips it.
-        precision: ``fp32`` or ``bf16`` (CPU inference precision, ``detect.precision``).
+        precision: ``auto``, ``fp32`` or ``bf16`` (CPU inference precision, ``detect.precision``).
         compile: run the module through ``torch.compile`` (``detect.compile``).
     """
 
@@ -147,6 +147,8 @@ class ModulePredictor:
                 self._compiled = torch.compile(module, dynamic=False, options={"freezing": True})
             self.module = module
             self._device = device
+            at = cpu_precision(self.precision) if device.type == "cpu" else "autocast (bf16/fp16)"
+            log.info("the network runs on %s at %s%s", device, at, ", compiled" if self.compile else "")
             return str(device)
 
     def fit(self, pair: PairReader, tiles: Sequence[Tile]) -> None:
@@ -215,7 +217,7 @@ class CheckpointPredictor(ModulePredictor):
     Args:
         path: the checkpoint (``detect.model``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32`` or ``bf16`` (``detect.precision``).
+        precision: ``auto``, ``fp32`` or ``bf16`` (``detect.precision``).
         compile: ``torch.compile`` the network (``detect.compile``).
 
     Raises:

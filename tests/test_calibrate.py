@@ -109,6 +109,7 @@ def test_calibrate_then_evaluate_on_the_fake_tree(fake_shared: Path, tmp_path: P
     from pipeline.model.calibrate import calibrate_model
     from pipeline.nets import create_model
     from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+    from pipeline.nets.device import cpu_precision
 
     torch.manual_seed(0)
     kw = {"widths": (4, 4, 8, 8, 8)}
@@ -129,6 +130,8 @@ def test_calibrate_then_evaluate_on_the_fake_tree(fake_shared: Path, tmp_path: P
     assert set(metrics["methods"]) == {"cva", "fc_siam_diff", "shipped"}  # the absent baseline is skipped
     shipped = metrics["methods"]["shipped"]
     assert shipped["threshold"] == out["threshold"] and shipped["calibrated"]
+    # calibrated and scored at the precision detect runs (detect.precision: auto, resolved for this CPU)
+    assert shipped["precision"] == calibrated.meta["calibrated_precision"] == cpu_precision("auto")
     assert not metrics["methods"]["fc_siam_diff"]["calibrated"]  # scored at its own (uncalibrated) 0.5
     expected_sets = {"santa-rosa", "levir-dev", "whu-cd", "demo-town", "santa-rosa@2x", "levir-dev@2x", "whu-cd@2x"}
     assert set(shipped["scores"]) == expected_sets | {"urban-2m"}

@@ -386,7 +386,7 @@ def test_checkpoint_predictor_runs_a_scarwatch_checkpoint(tmp_path: Path) -> Non
     valid = np.load(pair_dir / "valid.npy")
     assert (probs[:, ~valid] == PROB_NODATA).all() and (probs[:, valid] <= PROB_SCALE).all()
     x = np.random.default_rng(0).random((1, 2, 3, 32, 32), dtype=np.float32)
-    reference = checkpoint.ChangeModel.load(path).predict(x)
+    reference = checkpoint.ChangeModel.load(path, precision=settings.precision).predict(x)  # the same precision
     np.testing.assert_allclose(predictor(predictor.prepare(x)), reference, atol=1e-5)
 
 

@@ -231,3 +231,38 @@ def test_cva_without_any_change_or_data() -> None:
     assert cva_probabilities(np.stack([x, x])).max() < 1e-3  # a constant magnitude is no change, not all change
     stats = fit_cva([(np.stack([x, x]), np.zeros((32, 32), bool))])
     assert stats.n_pixels == 0 and stats.threshold == FALLBACK_THRESHOLD and stats.std.shape == (3,)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from pipeline.nets.device import cpu_has_native_bf16
+
+    def cpuinfo(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo_{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        return path
+
+    assert cpu_has_native_bf16(cpuinfo("fpu sse avx512f avx512_bf16 avx512vl"))  # AMD Zen 4, Cooper Lake
+    assert cpu_has_native_bf16(cpuinfo("fpu avx512f amx_bf16 amx_tile"))  # Sapphire Rapids
+    assert not cpu_has_native_bf16(cpuinfo("fpu sse avx2 avx512f avx512bw avx512_vnni"))  # emulated bf16 only
+    assert not cpu_has_native_bf16(tmp_path / "absent")  # no /proc (another OS): fp32
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.nets import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.cpu_precision("auto") == "bf16" and device.inference_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.cpu_precision("auto") == "fp32" and device.inference_dtype(cpu, "auto") is None
+    assert device.cpu_precision("bf16") == "bf16" and device.cpu_precision("fp32") == "fp32"  # explicit wins
+
+
+def test_predict_runs_at_the_models_precision(saved: Path) -> None:
+    x = np.random.default_rng(3).random((1, 2, 3, 32, 32), dtype=np.float32)
+    fp32 = ChangeModel.load(saved, precision="fp32")
+    bf16 = ChangeModel.load(saved, precision="bf16")
+    p32, p16 = fp32.predict(x), bf16.predict(x)
+    assert np.array_equal(p32, fp32.predict(x))  # fp32 is exact and repeatable
+    assert not np.array_equal(p32, p16)  # bf16 really ran (autocast), not fp32 under another name
+    assert np.abs(p32 - p16).max() < 0.05 and p16.dtype == np.float32

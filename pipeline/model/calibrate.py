@@ -106,8 +106,9 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
     import torch
 
     from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+    from pipeline.nets.device import cpu_precision
 
-    model = ChangeModel.load(checkpoint)
+    model = ChangeModel.load(checkpoint, precision=settings.detect.precision)
     items, _ = validation_items(settings, coarse=False)
     probs = net_probabilities(model, items)
     threshold, curve = pixel_threshold(items, probs, settings.evaluate)
@@ -117,6 +118,7 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
         "calibration": {str(t): round(v, 4) for t, v in curve.items()},
         "object_threshold": objects["object_threshold"],
         "object_calibration": objects["curve"],
+        "calibrated_precision": cpu_precision(model.precision) if model.device.type == "cpu" else "autocast",
     }
     target = Path(out) if out is not None else Path(checkpoint)
     with torch.no_grad():

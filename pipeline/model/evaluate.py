@@ -287,6 +287,8 @@ def flops_per_tile(model: ChangeModel, size: int = 512) -> float:
 def _network_entry(
     model: ChangeModel, path: Path, items: list[Item], settings: Settings, *, shipped: bool
 ) -> dict[str, Any]:
+    from pipeline.nets.device import cpu_precision
+
     ev = settings.evaluate
     probs = net_probabilities(model, items)
     t = model.threshold
@@ -299,6 +301,7 @@ def _network_entry(
         "steps": model.meta.get("steps"),
         "native_gsd_m": model.meta.get("native_gsd_m"),
         "threshold": t,
+        "precision": cpu_precision(model.precision) if model.device.type == "cpu" else "autocast",
         "calibrated": "calibration" in model.meta,
         "calibration": model.meta.get("calibration"),
         "scores": scores_at(items, probs, t, ev),
@@ -357,7 +360,7 @@ def evaluate_model(checkpoint: str | Path, settings: Settings, *, flag_check: bo
         if not is_shipped and not path.is_file():
             log.warning("baseline %s not found; skipped (train it with scarwatch train --arch)", path)
             continue
-        model = ChangeModel.load(path)
+        model = ChangeModel.load(path, precision=settings.detect.precision)
         methods["shipped" if is_shipped else model.arch] = _network_entry(
             model, path, items, settings, shipped=is_shipped
         )

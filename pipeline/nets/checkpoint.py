@@ -19,7 +19,7 @@ from pipeline.errors import ModelError, first_line
 from pipeline.fileio import atomic_path
 from pipeline.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from pipeline.nets import MODELS, create_model
-from pipeline.nets.device import autocast, resolve_device
+from pipeline.nets.device import Precision, autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class ChangeModel:
         meta: everything else the checkpoint recorded.
         module: the network, in eval mode, channels-last, on ``device``.
         device: where it runs (see :func:`pipeline.nets.device.resolve_device`).
+        precision: the CPU inference precision ``predict`` runs at (``auto``, ``fp32`` or ``bf16``, the
+            ``detect.precision`` setting; CUDA always autocasts, :mod:`pipeline.nets.device`).
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class ChangeModel:
         kwargs: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
+        precision: Precision = "fp32",
     ) -> None:
         self.device = resolve_device(device)
+        self.precision: Precision = precision
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self.arch = arch
         self.in_channels = int(in_channels)
@@ -104,12 +108,15 @@ class ChangeModel:
         self.object_threshold: float | None = None if obj is None else float(obj)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ChangeModel:
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", *, precision: Precision = "fp32"
+    ) -> ChangeModel:
         """Load a checkpoint written by :func:`save_checkpoint`.
 
         Args:
             path: the ``.pt`` file.
             device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+            precision: the CPU inference precision of ``predict`` (``detect.precision``).
 
         Returns:
             The model, in eval mode on ``device``.
@@ -139,11 +146,12 @@ class ChangeModel:
             ) from exc
         dev = resolve_device(device)
         log.info("loaded %s (%s, %d bands) on %s", path, arch, in_channels, dev)
-        return cls(module, arch, in_channels, kwargs=kwargs, meta=payload.get("meta") or {}, device=dev)
+        meta = payload.get("meta") or {}
+        return cls(module, arch, in_channels, kwargs=kwargs, meta=meta, device=dev, precision=precision)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Change probabilities for a batch of image pairs, at the inference precision of ``device``.
+        """Change probabilities for a batch of image pairs, at the inference precision (``precision`` on the CPU).
 
         Args:
             x: ``(b, 2, c, h, w)`` float in [0, 1] as [prev, curr] (a single pair ``(2, c, h, w)`` is
@@ -167,6 +175,6 @@ class ChangeModel:
                 f"set align.bands to {self.in_channels} bands or use a {t.shape[2]}-band checkpoint"
             )
         t = t.to(self.device, dtype=torch.float32, non_blocking=True)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             logits = self.module(t)
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32, copy=False)

@@ -7,24 +7,56 @@ the same device and fails with the same message everywhere.
 Inference precision (:func:`autocast`, the ``detect.precision`` setting): on CUDA, autocast to bfloat16
 where the GPU has native bf16 (compute capability 8.0 and later), else float16, whatever the setting
 (bf16 is what ``train.amp: auto`` trains under, so the calibrated thresholds were found at that
-precision). On the CPU, ``fp32`` (the default) runs float32 without autocast, so CPU results are exact
-and reproducible; ``bf16`` autocasts to bfloat16 (fast where the CPU has AVX512-BF16 or AMX; the
-agreement with fp32 is measured in BENCHMARKS.md). ``ChangeModel.predict`` (the model card) and
-``detect`` (the monthly COG) both run under it, so the card measures what detect runs.
+precision). On the CPU, ``fp32`` runs float32 without autocast (exact and reproducible); ``bf16``
+autocasts to bfloat16; ``auto`` (the default) is ``bf16`` where the CPU has bf16 instructions
+(:func:`cpu_has_native_bf16`: AVX512-BF16 or AMX), else ``fp32``, since a CPU without them emulates
+bf16 at no gain. The calibrated F1 on every validation set at bf16 against fp32, and the masks'
+agreement, are in the model card and BENCHMARKS.md. ``ChangeModel.predict`` (calibrate, evaluate, the
+card) and ``detect`` (the monthly COG) both run under it, so the card measures what detect runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from pipeline.errors import DeviceError
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 """The CPU inference precisions ``detect.precision`` names (CUDA always autocasts; module docstring)."""
+
+#: CPU flags (Linux ``/proc/cpuinfo``) of native bf16 arithmetic: AVX512-BF16 (AMD Zen 4, Intel Cooper
+#: Lake on) and AMX-BF16 (Intel Sapphire Rapids on).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bf16 natively (:data:`NATIVE_BF16_FLAGS`); False where the flags can't be read.
+
+    torch offers no public query of these flags (``torch.backends.cpu.get_cpu_capability`` says
+    ``AVX512`` for a CPU with or without them), so they are read from the kernel's CPU description.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(NATIVE_BF16_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+def cpu_precision(precision: Precision) -> Literal["fp32", "bf16"]:
+    """What a ``detect.precision`` setting runs at on this CPU (``auto`` resolved; module docstring)."""
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -69,7 +101,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def inference_dtype(device: torch.device, precision: Precision = "fp32") -> torch.dtype | None:
     """The autocast dtype inference runs at on ``device`` (None: float32, no autocast); see the module docstring."""
     if device.type != "cuda":
-        return torch.bfloat16 if precision == "bf16" else None
+        return torch.bfloat16 if cpu_precision(precision) == "bf16" else None
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
 
