@@ -56,11 +56,12 @@ pytest: venv sysdeps
 
 test: lint typecheck pytest
 
-# BENCHMARKS.md + benchmarks/results.json (about 15 min on 2 cores). The bench extra (torchgeo, the peer)
-# is installed pinned to the torch already here, so pip never fetches another torch.
+# BENCHMARKS.md + benchmarks/results.json (about 8 min on 2 cores). The bench extra (torchgeo, the peer)
+# is installed pinned to the torch already here, so pip never fetches another torch (the pins drop the local
+# label, +cu130: pip refuses a constraint torch==X+cu130 against the package's own torch==X).
 bench: venv
 	@$(BIN)/python -c 'import torchgeo' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]' \
-		-c <($(BIN)/python -c 'import torch, torchvision; print(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}")')
+		-c <($(BIN)/python -c 'import torch, torchvision; print("torch==%s\ntorchvision==%s" % (torch.__version__.split("+")[0], torchvision.__version__.split("+")[0]))')
 	nice -n 5 $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:

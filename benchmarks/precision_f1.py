@@ -43,6 +43,7 @@ def table(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the table for two metrics JSONs of the same checkpoint; exit 0."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a", type=Path, help="metrics JSON of the first precision (scarwatch evaluate)")
     p.add_argument("b", type=Path, help="metrics JSON of the second precision")
