@@ -771,6 +771,29 @@ def bundle(settings: Settings, out: Path, demo_pairs: int) -> str:
 
 
 @cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The averaged checkpoint.")
+@click.option(
+    "--bn-batches",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Training batches (the checkpoints' own mix, crop and batch size) to recompute BatchNorm statistics over.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler drawing those batches.")
+@stage
+def average(settings: Settings, checkpoints: tuple[Path, ...], out: Path, bn_batches: int, seed: int) -> str:
+    """Average several checkpoints of one run into one network (SWA), BatchNorm recomputed; calibrate it next."""
+    from pipeline.model.average import average_checkpoints, training_batches
+    from pipeline.nets.checkpoint import ChangeModel
+
+    train_meta = dict(ChangeModel.load(checkpoints[-1]).meta.get("train") or {})
+    batches = training_batches(settings, train_meta, bn_batches, seed=seed)
+    result = average_checkpoints(checkpoints, out, batches)
+    return f"averaged {len(checkpoints)} checkpoints (steps {result['averaged_steps']}) -> {out}; calibrate it next"
+
+
+@cli.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to calibrate.")
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here instead of over --model."
