@@ -798,8 +798,8 @@ def targets(figs: dict[str, Any], d: dict[str, Any]) -> list[tuple[str, str, str
             f"{_fmt(total, 0)} min extrapolated (detect {_fmt(det, 0)} min)" if total else "not measured",
             status(None if total is None else total < 60),
             "the network: 9,000 tiles of 512² at the compute floor's rate on 2 cores shared with a training run "
-            "and other jobs (see the load columns; this run's nice 5 yields to them), in the shipped mode; compile (2.5x fp32 eager by "
-            "hand on this AMD CPU, Notes) would still leave detect at hours: 40 GFLOPs per tile x 9,000 tiles is more than 2 cores "
+            "and other jobs (see the load columns; this run's nice 5 yields to them), in the shipped mode; compile (its compute floor in "
+            "the Stages table) would still leave detect at hours: 40 GFLOPs per tile x 9,000 tiles is more than 2 cores "
             "give in an hour; a GPU (scripts/gpu_detect.py) or a cheaper network is what meets it",
         )
     )
@@ -855,6 +855,7 @@ def notes(figs: dict[str, Any], d: dict[str, Any]) -> list[str]:
             "dask:local1",
             "dask:local2",
             "dask:existing",
+            "compute_floor:bf16-compile",
         )
     }
     return [
@@ -872,9 +873,9 @@ def notes(figs: dict[str, Any], d: dict[str, Any]) -> list[str]:
         "`tile.min_valid` never reach detect.",
         "",
         f"**bf16 and compile.** The compute floor is {_fmt(_ratio(f['compute_floor:bf16'], f['compute_floor:fp32']))}x faster in bf16 than fp32 in this run "
-        "(AVX512-BF16 on this AMD EPYC; no AMX). `--compile` adds bf16 + torch.compile. Measured by hand on 2026-12-01 (not by make bench) in one process on 8 tiles of a 2048² pair "
-        "(load 7.0-8.1): 5.43 s per tile fp32, 3.13 s bf16 (1.73x), 2.17 s bf16 + compile (2.51x; first call 25 s with inductor's cache warm, "
-        "74 s cold), no pixel flipped at the threshold, largest probability difference 1.1e-4; so compile pays after about 25-75 tiles "
+        f"(AVX512-BF16 on this AMD EPYC; no AMX) and {_fmt(_ratio(f['compute_floor:bf16-compile'], f['compute_floor:fp32']))}x with bf16 + torch.compile "
+        f"(freezing on; the first batch, which compiles, took {_fmt(_get(figs, 'compute_floor:bf16-compile', 'first_batch_s'))} s with inductor's cache as this run left it, "
+        "74 s cold when measured by hand), with the masks' agreement above; so compile pays after about 25-75 tiles "
         "(1-3 km²). params.yaml's `detect.precision: auto` runs bf16 where the CPU has bf16 instructions (AVX512-BF16 or AMX; "
         "fp32 elsewhere) and `scarwatch calibrate`/`evaluate` run at the same precision; at bf16 the shipped checkpoint's calibrated pixel F1 is equal or "
         "higher on every validation set and class (models/scarnet.md, Inference precision). Compile stays off by default: it "
@@ -1023,7 +1024,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     L += ["", "## Ratios", "", "| mode | detect / torchgeo | detect time / slower floor |", "|---|---|---|"]
     for mode in MODES:
         if f"peer_ratio:{mode}" in d:
-            L.append(f"| {mode} | {_fmt(d[f'peer_ratio:{mode}'])}x | {_fmt(d.get(f'over_floor:{mode}'))} |")
+            peer = d[f"peer_ratio:{mode}"]
+            peer_text = f"{_fmt(peer)}x" if peer is not None else "n/a (the peer runs eager)"
+            L.append(f"| {mode} | {peer_text} | {_fmt(d.get(f'over_floor:{mode}'))} |")
 
     L += [
         "",
@@ -1086,7 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dask-size", type=int, default=1024)
     p.add_argument("--map-size", type=int, default=1024)
     p.add_argument("--map-flags", type=int, default=1000)
-    p.add_argument("--compile", action="store_true", help="also measure bf16 + torch.compile")
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip bf16 + torch.compile (about 100 s here)"
+    )
     p.add_argument("--skip", default="", help="comma list of: torchgeo, ledger, report, map, dask")
     p.add_argument("--budget-s", type=float, default=780.0, help="growth sizes that would overrun this are skipped")
     p.add_argument("--workdir", type=Path, default=None)
