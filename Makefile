@@ -56,7 +56,7 @@ pytest: venv sysdeps
 
 test: lint typecheck pytest
 
-# BENCHMARKS.md + benchmarks/results.json (about 8 min on 2 cores). The bench extra (torchgeo, the peer)
+# BENCHMARKS.md + benchmarks/results.json (4 min on 2 idle cores, 8 beside a training run). The bench extra (torchgeo, the peer)
 # is installed pinned to the torch already here, so pip never fetches another torch (the pins drop the local
 # label, +cu130: pip refuses a constraint torch==X+cu130 against the package's own torch==X).
 bench: venv
