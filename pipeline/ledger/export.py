@@ -112,8 +112,8 @@ ALERT_FIELDS: Final[tuple[Field, ...]] = (
     Field("message_zh", "说明", width=40),
     Field("message_en", "说明(英文)", width=50),
 )
-SHEETS: Final[dict[str, str]] = {"cases": "案件 cases", "events": "事件 events", "alerts": "提醒 alerts"}
-LAYER_TITLES: Final[dict[str, str]] = {"cases": "案件 cases", "events": "事件 events", "alerts": "提醒 alerts"}
+TITLES: Final[dict[str, str]] = {"cases": "案件 cases", "events": "事件 events", "alerts": "提醒 alerts"}
+"""Each table's bilingual title: its sheet name in the workbook and its layer description in the GeoPackage."""
 
 KIND_STATE: Final[dict[str, str]] = {"flagged": "warning"} | {s: s for s in STATES}
 """A lifecycle event kind -> the state it leads to (its colour in the events layer's style)."""
@@ -235,7 +235,7 @@ def _cell(value: object, kind: str) -> object:
 
 
 def write_xlsx(path: Path, cases: pd.DataFrame, events: pd.DataFrame, alerts: pd.DataFrame) -> None:
-    """The workbook: one sheet per table (:data:`SHEETS`), bilingual headers, typed cells."""
+    """The workbook: one sheet per table (:data:`TITLES`), bilingual headers, typed cells."""
     from openpyxl import Workbook
     from openpyxl.styles import Font, PatternFill
     from openpyxl.utils import get_column_letter
@@ -248,7 +248,7 @@ def write_xlsx(path: Path, cases: pd.DataFrame, events: pd.DataFrame, alerts: pd
         ("events", events, EVENT_FIELDS),
         ("alerts", alerts, ALERT_FIELDS),
     ):
-        sheet = book.create_sheet(SHEETS[key])
+        sheet = book.create_sheet(TITLES[key])
         sheet.append([f.header for f in fields])
         for cell in sheet[1]:
             cell.font, cell.fill = bold, fill
@@ -296,7 +296,7 @@ LAYER_FIELDS: Final[dict[str, tuple[Field, ...]]] = {
 def write_gpkg(path: Path, layers: Mapping[str, gpd.GeoDataFrame], palette: Palette) -> None:
     """The GeoPackage: one MultiPolygon layer per table, DATE fields, aliases and default styles."""
     for name, frame in layers.items():
-        write_polygon_layer(path, name, _typed(frame, LAYER_FIELDS[name]), description=LAYER_TITLES[name])
+        write_polygon_layer(path, name, _typed(frame, LAYER_FIELDS[name]), description=TITLES[name])
     styles = {name: layer_style(name, frame, palette) for name, frame in layers.items()}
     with sqlite3.connect(path) as db:
         geometry_columns = dict(db.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall())
@@ -377,7 +377,7 @@ def _write_styles(
                 f"scarwatch {name}",
                 s.qml,
                 s.sld,
-                f"ScarWatch default: {LAYER_TITLES[name]} by {s.attribute}",
+                f"ScarWatch default: {TITLES[name]} by {s.attribute}",
                 "scarwatch",
                 "",
             )
