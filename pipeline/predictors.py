@@ -29,7 +29,7 @@ from pipeline.config import DetectSettings
 from pipeline.errors import ModelError, first_line
 from pipeline.nets.checkpoint import ChangeModel
 from pipeline.nets.cva import FALLBACK_THRESHOLD, CvaStats, apply_cva, fit_cva
-from pipeline.nets.device import Precision, autocast, cpu_precision, resolve_device
+from pipeline.nets.device import Precision, autocast, precision_label, resolve_device
 
 if TYPE_CHECKING:
     from pipeline.pair import PairReader
@@ -147,7 +147,7 @@ class ModulePredictor:
                 self._compiled = torch.compile(module, dynamic=False, options={"freezing": True})
             self.module = module
             self._device = device
-            at = cpu_precision(self.precision) if device.type == "cpu" else "autocast (bf16/fp16)"
+            at = precision_label(device, self.precision)
             log.info("the network runs on %s at %s%s", device, at, ", compiled" if self.compile else "")
             return str(device)
 

@@ -86,21 +86,13 @@ def recompute_batchnorm(module: torch.nn.Module, batches: Iterable[torch.Tensor]
 
 def training_batches(settings: Settings, train_meta: dict[str, Any], n: int, *, seed: int) -> Iterable[torch.Tensor]:
     """``n`` training input batches drawn from the mix, crop and batch size recorded in ``train_meta``."""
-    from pipeline.model.sampler import TrainingSampler
-    from pipeline.model.train import load_training_data
+    from pipeline.model.train import load_training_data, training_sampler
 
     train = settings.train.model_copy(
         update={k: train_meta[k] for k in ("mix", "coarsen_p", "crop", "batch_size") if k in train_meta}
     )
     data = load_training_data(train, settings.paths.shared)
-    sampler = TrainingSampler(
-        data.tiles,
-        dict(train.mix),
-        np.random.default_rng(seed),
-        pairs=data.pairs,
-        coarsen_p=train.coarsen_p,
-        synth_pairs=data.synth,
-    )
+    sampler = training_sampler(data, train, np.random.default_rng(seed))
     for _ in range(n):
         images, _, _ = sampler.batch(train.batch_size, train.crop)
         yield torch.from_numpy(np.asarray(images, dtype=np.float32))

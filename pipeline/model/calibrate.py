@@ -106,7 +106,7 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
     import torch
 
     from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
-    from pipeline.nets.device import cpu_precision
+    from pipeline.nets.device import precision_label
 
     model = ChangeModel.load(checkpoint, precision=settings.detect.precision)
     items, _ = validation_items(settings, coarse=False)
@@ -118,7 +118,7 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
         "calibration": {str(t): round(v, 4) for t, v in curve.items()},
         "object_threshold": objects["object_threshold"],
         "object_calibration": objects["curve"],
-        "calibrated_precision": cpu_precision(model.precision) if model.device.type == "cpu" else "autocast",
+        "calibrated_precision": precision_label(model.device, model.precision),
     }
     target = Path(out) if out is not None else Path(checkpoint)
     with torch.no_grad():

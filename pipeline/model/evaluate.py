@@ -287,7 +287,7 @@ def flops_per_tile(model: ChangeModel, size: int = 512) -> float:
 def _network_entry(
     model: ChangeModel, path: Path, items: list[Item], settings: Settings, *, shipped: bool
 ) -> dict[str, Any]:
-    from pipeline.nets.device import cpu_precision
+    from pipeline.nets.device import precision_label
 
     ev = settings.evaluate
     probs = net_probabilities(model, items)
@@ -301,7 +301,7 @@ def _network_entry(
         "steps": model.meta.get("steps"),
         "native_gsd_m": model.meta.get("native_gsd_m"),
         "threshold": t,
-        "precision": cpu_precision(model.precision) if model.device.type == "cpu" else "autocast",
+        "precision": precision_label(model.device, model.precision),
         "calibrated": "calibration" in model.meta,
         "calibration": model.meta.get("calibration"),
         "scores": scores_at(items, probs, t, ev),

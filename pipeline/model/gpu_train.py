@@ -56,6 +56,7 @@ from pipeline.model.train import (
     seed_everything,
     settings_json,
     train_step,
+    training_sampler,
 )
 from pipeline.nets import create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
@@ -133,7 +134,7 @@ class SampleStream(IterableDataset[Chunk]):
         """The sampler of ``worker``, seeded by ``(seed, worker)``."""
         s, d = self.settings, self.data
         rng = np.random.default_rng([s.seed, worker])
-        return TrainingSampler(d.tiles, dict(s.mix), rng, pairs=d.pairs, coarsen_p=s.coarsen_p, synth_pairs=d.synth)
+        return training_sampler(d, s, rng)
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()

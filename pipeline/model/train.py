@@ -344,6 +344,17 @@ def load_training_data(settings: TrainSettings, data: Path) -> TrainingData:
     return TrainingData(tiles, pairs, quick, val_ids, train=json.loads(settings_json(settings)))
 
 
+def training_sampler(data: TrainingData, settings: Any, rng: np.random.Generator) -> TrainingSampler:
+    """The sampler over ``data`` with ``settings``' mix and coarsening, drawing from ``rng``.
+
+    ``settings`` is the train section or the GPU trainer's plain settings (both have ``mix`` and
+    ``coarsen_p``); training, the GPU trainer and weight averaging draw through this one constructor.
+    """
+    return TrainingSampler(
+        data.tiles, dict(settings.mix), rng, pairs=data.pairs, coarsen_p=settings.coarsen_p, synth_pairs=data.synth
+    )
+
+
 def train_step(
     module: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -417,14 +428,7 @@ def train(
     training = data if isinstance(data, TrainingData) else load_training_data(settings, Path(data))
     val_ids = training.val_ids
     rng = np.random.default_rng(settings.seed)
-    sampler = TrainingSampler(
-        training.tiles,
-        dict(settings.mix),
-        rng,
-        pairs=training.pairs,
-        coarsen_p=settings.coarsen_p,
-        synth_pairs=training.synth,
-    )
+    sampler = training_sampler(training, settings, rng)
     quick = QuickValidation(training.quick_sets)
 
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

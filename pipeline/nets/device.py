@@ -59,6 +59,11 @@ def cpu_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return precision
 
 
+def precision_label(device: torch.device, precision: Precision) -> str:
+    """What the network runs at on ``device``: ``fp32`` or ``bf16`` on the CPU, ``autocast`` on CUDA."""
+    return cpu_precision(precision) if device.type == "cpu" else "autocast"
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """The torch device a ``device`` setting names.
 
