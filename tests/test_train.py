@@ -77,6 +77,9 @@ def test_lr_schedule_warms_up_and_decays() -> None:
     assert lr_factor(0.1, 0.1) == pytest.approx(1.0)
     assert lr_factor(1.0, 0.1) == pytest.approx(0.02)
     assert lr_factor(0.3, 0.1) > lr_factor(0.6, 0.1) > lr_factor(0.9, 0.1)
+    # constant: the same warmup, then the full rate to the end
+    assert lr_factor(0.05, 0.1, schedule="constant") == pytest.approx(0.5)
+    assert lr_factor(0.3, 0.1, schedule="constant") == lr_factor(1.0, 0.1, schedule="constant") == 1.0
 
 
 def test_training_resolves_devices_as_everything_else() -> None:

@@ -100,6 +100,7 @@ class PlainTrainSettings:
     device: str
     init_from: Path | None
     max_steps_this_run: int | None
+    schedule: str = "cosine"  # bundles written before the field existed train on the cosine schedule
 
     @classmethod
     def from_manifest(cls, train: dict[str, Any], **overrides: Any) -> PlainTrainSettings:
@@ -110,7 +111,8 @@ class PlainTrainSettings:
         """
         names = [f.name for f in dataclasses.fields(cls)]
         values = {**{k: train[k] for k in names if k in train}, **overrides}
-        missing = [n for n in names if n not in values]
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = [n for n in names if n not in values and n not in optional]
         if missing:
             raise InputError(f"the bundle's train settings lack {missing!r}; write the bundle again (scarwatch bundle)")
         values["log_path"] = Path(values["log_path"])
@@ -325,7 +327,7 @@ def gpu_train(
                 progress = max(step / max_steps if max_steps else 0.0, elapsed / (minutes * 60) if minutes else 0.0)
                 if progress >= 1.0:
                     break
-                rate = settings.lr * lr_factor(progress, warmup_frac)
+                rate = settings.lr * lr_factor(progress, warmup_frac, schedule=settings.schedule)
                 for group in opt.param_groups:
                     group["lr"] = rate
                 t = time.monotonic()

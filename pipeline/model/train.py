@@ -153,10 +153,15 @@ def masked_bce_dice(
     return bce + dice_weight * dice.mean()
 
 
-def lr_factor(progress: float, warmup: float, floor: float = 0.02) -> float:
-    """Learning-rate multiplier: linear warmup over ``warmup`` (a progress fraction), then cosine to ``floor``."""
+def lr_factor(progress: float, warmup: float, floor: float = 0.02, schedule: str = "cosine") -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` (a progress fraction), then cosine to ``floor``.
+
+    ``schedule="constant"`` holds 1.0 after the warmup.
+    """
     if progress < warmup:
         return max(progress / warmup, 0.01)
+    if schedule == "constant":
+        return 1.0
     t = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -515,7 +520,7 @@ def train(
                     break
                 if settings.max_steps_this_run is not None and run_steps >= settings.max_steps_this_run:
                     break
-                lr = settings.lr * lr_factor(progress, warmup)
+                lr = settings.lr * lr_factor(progress, warmup, schedule=settings.schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 batch, sampler_state = prefetch.next()
