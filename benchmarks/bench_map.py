@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = build_pyramid(pair, tiles, settings, month=MONTH)
         p = summary.pyramid
         out.update(
-            pyramid_s=round(summary.seconds, 1),
+            pyramid_s=round(summary.seconds, 2),
             pyramid_workers=summary.workers,
             zoom=f"{p.minzoom}-{p.maxzoom}",
             tiles=p.n_tiles,

@@ -123,7 +123,10 @@ class DetectSettings(_Section):
     cva_sample_tiles: int = Field(default=64, ge=1)  # tiles sampled to fit the CVA threshold
     # CPU inference: bf16 autocast where the CPU has bf16 instructions (auto), float32, or bf16 (pipeline.nets.device)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False  # torch.compile the network once per run (freezing); falls back to eager on failure
+    # torch.compile the network once per run (inductor, freezing); falls back to eager on failure. auto: on
+    # the CPU, for runs of at least compile_min_tiles tiles where a C++ compiler is found (pipeline.nets.device)
+    compile: bool | Literal["auto"] = "auto"
+    compile_min_tiles: int = Field(default=1000, ge=1)  # about the cold-cache break-even measured here
 
 
 class VectorizeSettings(_Section):

@@ -29,7 +29,7 @@ from pipeline.config import DetectSettings
 from pipeline.errors import ModelError, first_line
 from pipeline.nets.checkpoint import ChangeModel
 from pipeline.nets.cva import FALLBACK_THRESHOLD, CvaStats, apply_cva, fit_cva
-from pipeline.nets.device import Precision, autocast, precision_label, resolve_device
+from pipeline.nets.device import CompileSetting, Precision, autocast, precision_label, resolve_compile, resolve_device
 
 if TYPE_CHECKING:
     from pipeline.pair import PairReader
@@ -81,8 +81,10 @@ class ModulePredictor:
     ``precision`` on the CPU, bf16/fp16 autocast on CUDA). On CUDA, batches are pinned and uploaded with
     non-blocking copies on a side stream from the reader thread, so the next batch uploads while the
     current one runs. With ``compile`` the module goes through ``torch.compile`` (inductor, freezing on)
-    once per process, at the first batch; a batch smaller than the first is padded to its size so the
-    graph is never recompiled; if compiling fails, a WARNING names the error and the module runs eager.
+    once per process, at the first batch; ``auto`` is decided in :meth:`fit` from the number of tiles
+    (:func:`pipeline.nets.device.resolve_compile`), and a predictor used without ``fit`` runs ``auto``
+    eager. A batch smaller than the first is padded to its size so the graph is never recompiled; if
+    compiling fails, a WARNING names the error and the module runs eager.
     Pickles with its weights on the CPU and without the compiled graph, so a dask worker rebuilds it.
 
     Args:
@@ -90,7 +92,8 @@ class ModulePredictor:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`pipeline.nets.device.resolve_device`).
         in_channels: bands the network expects (checked against the pair in :meth:`fit`); None skips it.
         precision: ``auto``, ``fp32`` or ``bf16`` (CPU inference precision, ``detect.precision``).
-        compile: run the module through ``torch.compile`` (``detect.compile``).
+        compile: run the module through ``torch.compile``: True, False or ``auto`` (``detect.compile``).
+        compile_min_tiles: the fewest tiles for which ``auto`` compiles (``detect.compile_min_tiles``).
     """
 
     def __init__(
@@ -100,13 +103,15 @@ class ModulePredictor:
         device: str = "auto",
         in_channels: int | None = None,
         precision: Precision = "fp32",
-        compile: bool = False,
+        compile: CompileSetting = False,
+        compile_min_tiles: int = 1000,
     ):
         self.module = module
         self.requested = device
         self.in_channels = in_channels
         self.precision: Precision = precision
-        self.compile = compile
+        self.compile: CompileSetting = compile
+        self.compile_min_tiles = compile_min_tiles
         self._device: torch.device | None = None
         self._stream: Any = None
         self._compiled: Any = None
@@ -142,17 +147,25 @@ class ModulePredictor:
             module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if device.type == "cuda":
                 self._stream = torch.cuda.Stream(device=device)
-            if self.compile:
+            if self.compile is True:
                 # inductor compiles lazily, at the first call (_forward); freezing folds the weights into it
                 self._compiled = torch.compile(module, dynamic=False, options={"freezing": True})
             self.module = module
             self._device = device
             at = precision_label(device, self.precision)
-            log.info("the network runs on %s at %s%s", device, at, ", compiled" if self.compile else "")
+            log.info("the network runs on %s at %s%s", device, at, ", compiled" if self.compile is True else "")
             return str(device)
 
+    def decide_compile(self, n_tiles: int) -> None:
+        """Settle ``compile: auto`` for a run of ``n_tiles`` tiles (before :meth:`setup`); log the decision."""
+        if self.compile != "auto" or self._device is not None:
+            return
+        self.compile, why = resolve_compile("auto", resolve_device(self.requested), n_tiles, self.compile_min_tiles)
+        log.info("detect.compile auto: %s (%s)", "compiling" if self.compile else "eager", why)
+
     def fit(self, pair: PairReader, tiles: Sequence[Tile]) -> None:
-        """Check the network's band count against the pair."""
+        """Settle ``compile: auto`` and check the network's band count against the pair."""
+        self.decide_compile(len(tiles))
         if self.in_channels is not None and int(pair.count) != self.in_channels:
             raise ModelError(
                 f"the model expects {self.in_channels} bands but the pair has {pair.count}; "
@@ -224,8 +237,16 @@ class CheckpointPredictor(ModulePredictor):
         ModelError: the checkpoint does not exist.
     """
 
-    def __init__(self, path: Path, *, device: str = "auto", precision: Precision = "fp32", compile: bool = False):
-        super().__init__(None, device=device, precision=precision, compile=compile)
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        precision: Precision = "fp32",
+        compile: CompileSetting = False,
+        compile_min_tiles: int = 1000,
+    ):
+        super().__init__(None, device=device, precision=precision, compile=compile, compile_min_tiles=compile_min_tiles)
         self.path = Path(path)
         if not self.path.exists():
             raise ModelError(f"{self.path}: checkpoint not found; set detect.model or run 'scarwatch train'")
@@ -244,7 +265,8 @@ class CheckpointPredictor(ModulePredictor):
         return model.module
 
     def fit(self, pair: PairReader, tiles: Sequence[Tile]) -> None:
-        """Load the checkpoint and check its band count against the pair."""
+        """Settle ``compile: auto``, load the checkpoint and check its band count against the pair."""
+        self.decide_compile(len(tiles))
         self.setup()
         super().fit(pair, tiles)
 
@@ -312,5 +334,9 @@ def make_predictor(settings: DetectSettings) -> Predictor:
     if settings.method == "cva":
         return CvaPredictor(sample_tiles=settings.cva_sample_tiles)
     return CheckpointPredictor(
-        settings.model, device=settings.device, precision=settings.precision, compile=settings.compile
+        settings.model,
+        device=settings.device,
+        precision=settings.precision,
+        compile=settings.compile,
+        compile_min_tiles=settings.compile_min_tiles,
     )

@@ -491,3 +491,47 @@ def test_compiled_predictor_pads_a_short_batch_to_the_compiled_size(monkeypatch:
     full, short = predictor(x), predictor(x[:1])
     assert shapes == [3, 3] and short.shape == (1, 2, 16, 16)
     np.testing.assert_allclose(short, full[:1], atol=1e-6)
+
+
+def test_compile_auto_follows_the_tile_count_and_the_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detect.compile auto: compiles a run of at least compile_min_tiles tiles, stays eager below or without g++."""
+    from pipeline.errors import DeviceError
+    from pipeline.nets import device as dev
+
+    cpu = torch.device("cpu")
+    assert dev.resolve_compile(True, cpu, 1, 1000) == (True, "detect.compile is true")
+    assert dev.resolve_compile(False, cpu, 10**6, 1000)[0] is False
+    assert dev.resolve_compile("auto", cpu, 999, 1000) == (False, "999 tiles, fewer than detect.compile_min_tiles 1000")
+    assert dev.resolve_compile("auto", torch.device("cuda"), 10**6, 1000)[0] is False
+    with pytest.raises(DeviceError, match="use true, false or auto"):
+        dev.resolve_compile("yes", cpu, 1, 1)  # type: ignore[arg-type]
+    monkeypatch.setattr(dev, "inductor_compiler", lambda: "/usr/bin/g++")
+    assert dev.resolve_compile("auto", cpu, 1000, 1000)[0] is True
+    monkeypatch.setattr(dev, "inductor_compiler", lambda: None)
+    ok, why = dev.resolve_compile("auto", cpu, 1000, 1000)
+    assert ok is False and "no C++ compiler" in why
+
+    monkeypatch.setattr(dev, "inductor_compiler", lambda: "/usr/bin/g++")
+    compiled: list[int] = []
+
+    def recording(module: torch.nn.Module, **kw: Any) -> Any:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            compiled.append(int(x.shape[0]))
+            return module(x)  # type: ignore[no-any-return]
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording)
+    x = np.random.default_rng(0).random((2, 2, 3, 16, 16), dtype=np.float32)
+    few = ModulePredictor(ConvNet(), device="cpu", compile="auto", compile_min_tiles=3)
+    few.fit(None, [None, None])  # type: ignore[arg-type]
+    few(x)
+    assert few.compile is False and compiled == []
+    many = ModulePredictor(ConvNet(), device="cpu", compile="auto", compile_min_tiles=3)
+    many.fit(None, [None] * 3)  # type: ignore[arg-type]
+    many(x)
+    assert many.compile is True and compiled == [2]
+    unfitted = ModulePredictor(ConvNet(), device="cpu", compile="auto")
+    unfitted(x)  # calibrate and evaluate call the predictor without fit: auto runs eager
+    assert compiled == [2]
+    assert DetectSettings().compile == "auto" and DetectSettings(compile=True).compile is True

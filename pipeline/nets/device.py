@@ -120,3 +120,38 @@ def autocast(device: torch.device, precision: Precision = "fp32") -> Iterator[No
         return
     with torch.autocast(device.type, dtype=dtype):
         yield
+
+
+CompileSetting = bool | Literal["auto"]
+"""``detect.compile``: always, never, or ``auto`` (:func:`resolve_compile`)."""
+
+
+def inductor_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would call, where it is on the PATH, else None."""
+    import shutil
+
+    from torch._inductor import config as inductor_config
+
+    names = [c for c in inductor_config.cpp.cxx if c]
+    return next((found for c in names if (found := shutil.which(c))), None)
+
+
+def resolve_compile(setting: CompileSetting, device: torch.device, n_tiles: int, min_tiles: int) -> tuple[bool, str]:
+    """Whether to ``torch.compile`` the network for a run of ``n_tiles`` tiles on ``device``, and why.
+
+    ``True``/``False`` are taken as they are. ``auto`` compiles on the CPU when the run has at least
+    ``min_tiles`` tiles (``detect.compile_min_tiles``: compiling costs a fixed 10-75 s, with and without
+    inductor's on-disk cache, against a few hundredths of a second saved per tile, BENCHMARKS.md) and a
+    C++ compiler is there; on CUDA it stays eager (not measured on a GPU yet).
+    """
+    if isinstance(setting, bool):
+        return setting, f"detect.compile is {str(setting).lower()}"
+    if setting != "auto":
+        raise DeviceError(f"detect.compile {setting!r}: use true, false or auto")
+    if device.type != "cpu":
+        return False, f"detect.compile auto stays eager on {device.type}"
+    if n_tiles < min_tiles:
+        return False, f"{n_tiles} tiles, fewer than detect.compile_min_tiles {min_tiles}"
+    if inductor_compiler() is None:
+        return False, "no C++ compiler for torch.compile on the PATH (install g++)"
+    return True, f"{n_tiles} tiles, at least detect.compile_min_tiles {min_tiles}"
