@@ -824,8 +824,8 @@ def month_why(figs: dict[str, Any], d: dict[str, Any]) -> str:
     det, total = month.get("detect"), d.get("city_month_total_minutes")
     slow = max(month, key=lambda k: month[k]) if month else "detect"
     text = (
-        f"the largest part is {slow} ({_fmt(month.get(slow), 0)} min); detect runs 9,000 tiles of 512² through a "
-        "40-GFLOP network on 2 cores (see the load columns: a job beside the run slows it several-fold)"
+        f"the largest part is {slow} ({_fmt(month.get(slow), 0)} min); detect runs about {CITY_TILES:,} tiles of 512² "
+        "through a 40-GFLOP network on 2 cores (see the load columns: a job beside the run slows it several-fold)"
     )
     c_bf16 = _get(figs, "compute_floor:bf16", "pairs_per_s")
     c_comp = _get(figs, "compute_floor:bf16-compile", "pairs_per_s")
@@ -838,6 +838,8 @@ def month_why(figs: dict[str, Any], d: dict[str, Any]) -> str:
             f"; detect.compile (its compute floor {_fmt(c_comp / c_bf16)}x bf16 eager here) would bring detect to about "
             f"{_fmt(det - saved, 0)} min and the month to about {_fmt(total - saved, 0)} min"
         )
+    if total and total < 60:
+        return text + "; a GPU (scripts/gpu_detect.py) takes detect to minutes"
     return text + "; a GPU (scripts/gpu_detect.py) or a cheaper network is what meets it with room"
 
 
@@ -937,7 +939,18 @@ def targets(figs: dict[str, Any], d: dict[str, Any]) -> list[tuple[str, str, str
     return rows
 
 
-def notes(figs: dict[str, Any], d: dict[str, Any]) -> list[str]:
+def _bf16_words(machine: dict[str, Any]) -> str:
+    """How this CPU computes bf16, from the run's own lscpu flags (the boxes here differ run to run)."""
+    flags = set(machine.get("bf16_flags") or [])
+    name = (machine.get("Model name") or "this CPU").strip()
+    if "amx_bf16" in flags:
+        return f"AMX-BF16 on this {name}"
+    if "avx512_bf16" in flags:
+        return f"AVX512-BF16 on this {name}; no AMX"
+    return f"no native bf16 on this {name}"
+
+
+def notes(figs: dict[str, Any], d: dict[str, Any], machine: dict[str, Any] | None = None) -> list[str]:
     """The prose under the tables: the levers, the peer, Dask, what a GPU cluster would give."""
     rd = figs.get("reader") or {}
     f = {
@@ -970,7 +983,7 @@ def notes(figs: dict[str, Any], d: dict[str, Any]) -> list[str]:
         "`tile.min_valid` never reach detect.",
         "",
         f"**bf16 and compile.** The compute floor is {_fmt(_ratio(f['compute_floor:bf16'], f['compute_floor:fp32']))}x faster in bf16 than fp32 in this run "
-        f"(AVX512-BF16 on this AMD EPYC; no AMX) and {_fmt(_ratio(f['compute_floor:bf16-compile'], f['compute_floor:fp32']))}x with bf16 + torch.compile "
+        f"({_bf16_words(machine or {})}) and {_fmt(_ratio(f['compute_floor:bf16-compile'], f['compute_floor:fp32']))}x with bf16 + torch.compile "
         f"(freezing on; the first batch, which compiles, took {_fmt(_get(figs, 'compute_floor:bf16-compile', 'first_batch_s'))} s with inductor's cache as this run left it, "
         f"74 s cold when measured by hand), with the masks' agreement above; so compile pays after about {_fmt(_break_even(figs), 0)} tiles "
         "with the cache warm, and after about 1,000 cold. params.yaml's `detect.precision: auto` runs bf16 where the CPU has bf16 instructions (AVX512-BF16 or AMX; "
@@ -1165,7 +1178,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             f"**A 500 km² month, extrapolated** linearly in area ({d['city_month_method']}, largest {d['city_month_from_size']}²; map: pyramid seconds per km², {d.get('city_month_map_method', 'not measured')}; ledger and report as measured): {parts}; total **{d['city_month_total_minutes']} min**.",
         ]
-    L += ["", *notes(figs, d)]
+    L += ["", *notes(figs, d, m)]
     L += [
         "",
         "## Reproduce",
