@@ -4,8 +4,9 @@
 # (`scarwatch average`: stochastic weight averaging) instead of one being picked from a decaying schedule,
 # where levir-dev swung by up to 0.085 between neighbours. Demo town back at its stage-4 share (20 %),
 # footprint erasing down to 15 %. 256² × 4, bf16, 1 thread, seed 20260408.
-# Candidates, fixed before the run: the average of steps 1,000-6,000, the average of steps 3,000-6,000,
-# and step 6,000 alone.
+# Candidates, fixed before the run was scored: the average of the checkpoints every 1,000 steps so far, and
+# the last of them alone. The first session stopped it at step 3,000 (state saved there: resume with
+# RESUME=--resume; the log then repeats the 50 steps 3,000-3,050 that ran before the stop).
 # Resume after a stop: RESUME=--resume bash models/stage7/run.sh (THREADS=2 on an idle box;
 # EXTRA="--set train.max_steps_this_run=N" stops after N steps with the state saved)
 cd "$(dirname "$0")/../.."
