@@ -217,9 +217,6 @@ class TrainSettings(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    # cosine: warm up, then decay to 2 % of lr by the end; constant: warm up, then hold lr (for runs whose
-    # checkpoints are averaged, `scarwatch average`, rather than picked from a decaying schedule)
-    schedule: Literal["cosine", "constant"] = "cosine"
     dice_weight: float = Field(1.0, ge=0)
     mix: dict[str, float] = Field(
         default_factory=lambda: {
@@ -244,6 +241,9 @@ class TrainSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: Path | None = None  # fine-tune from this checkpoint
     max_steps_this_run: int | None = Field(None, ge=1)  # stop after this many steps (resume later)
+    # cosine: warm up, then decay to 2 % of lr by the end; constant: warm up, then hold lr (for runs whose
+    # checkpoints are averaged, `scarwatch average`). Last, as in the GPU trainer's mirror (gpu_train.py)
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 class EvaluateSettings(_Section):
