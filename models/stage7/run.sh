@@ -5,8 +5,8 @@
 # where levir-dev swung by up to 0.085 between neighbours. Demo town back at its stage-4 share (20 %),
 # footprint erasing down to 15 %. 256² × 4, bf16, 1 thread, seed 20260408.
 # Candidates, fixed before the run was scored: the average of the checkpoints every 1,000 steps so far, and
-# the last of them alone. The first session stopped it at step 3,000 (state saved there: resume with
-# RESUME=--resume; the log then repeats the 50 steps 3,000-3,050 that ran before the stop).
+# the last of them alone. Stopped at step 3,000 and resumed to 4,000 (max_steps_this_run=1000); the log
+# repeats steps 3,000-3,050, which ran before the first stop (a SIGTERM, after the state at 3,000).
 # Resume after a stop: RESUME=--resume bash models/stage7/run.sh (THREADS=2 on an idle box;
 # EXTRA="--set train.max_steps_this_run=N" stops after N steps with the state saved)
 cd "$(dirname "$0")/../.."
