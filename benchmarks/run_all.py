@@ -354,8 +354,8 @@ def part_machine(root: Path, a: dict[str, Any]) -> dict[str, Any]:
 
     info: dict[str, Any] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     detect = load_settings(ROOT / "params.yaml").detect
-    # the mode params.yaml ships on this CPU (detect.precision auto resolved), run by growth and Dask
-    # detect.compile auto decides by the run's tiles: the mode is the one a 500 km² month (CITY_TILES) runs in
+    # the mode params.yaml ships on this CPU for a 500 km² month (CITY_TILES): detect.precision auto resolved,
+    # and detect.compile auto decided by that tile count; growth runs in it, Dask in its eager precision
     compiled, why = resolve_compile(detect.compile, torch.device("cpu"), CITY_TILES, detect.compile_min_tiles)
     info["shipped_mode"] = cpu_precision(detect.precision) + ("-compile" if compiled else "")
     info["shipped_setting"] = {
@@ -876,14 +876,14 @@ def targets(figs: dict[str, Any], d: dict[str, Any]) -> list[tuple[str, str, str
             )
         )
     shipped = _get(figs, "machine", "shipped_mode") or "fp32"
+    setting = _get(figs, "machine", "shipped_setting") or {}
     of = d.get(f"over_floor:{shipped}")
     om = d.get(f"over_floor_marginal:{shipped}")
     between = d.get("marginal_between_tiles") or ["?", "?"]
     rows.append(
         (
             f"detect within 1.25x of max(decode floor, compute floor), shipped mode ({shipped}, params.yaml "
-            f"detect.precision {(_get(figs, 'machine', 'shipped_setting') or {}).get('precision', 'n/a')}, "
-            f"compile {(_get(figs, 'machine', 'shipped_setting') or {}).get('compile', 'n/a')} for a month)",
+            f"detect.precision {setting.get('precision', 'n/a')}, compile {setting.get('compile', 'n/a')} for a month)",
             (f"{_fmt(om)}x per tile of a month ({between[0]} → {between[1]} tiles); " if om else "")
             + (f"{_fmt(of)}x over the whole main-pair run" if of else "whole run not measured"),
             status(None if (om or of) is None else (om or of) <= 1.25),

@@ -164,8 +164,9 @@ class ModulePredictor:
         log.info("detect.compile auto: %s (%s)", "compiling" if self.compile else "eager", why)
 
     def fit(self, pair: PairReader, tiles: Sequence[Tile]) -> None:
-        """Settle ``compile: auto`` and check the network's band count against the pair."""
+        """Settle ``compile: auto``, set the network up (a checkpoint is loaded here) and check its bands."""
         self.decide_compile(len(tiles))
+        self.setup()
         if self.in_channels is not None and int(pair.count) != self.in_channels:
             raise ModelError(
                 f"the model expects {self.in_channels} bands but the pair has {pair.count}; "
@@ -263,12 +264,6 @@ class CheckpointPredictor(ModulePredictor):
         self.threshold = model.threshold
         self.object_threshold = model.object_threshold
         return model.module
-
-    def fit(self, pair: PairReader, tiles: Sequence[Tile]) -> None:
-        """Settle ``compile: auto``, load the checkpoint and check its band count against the pair."""
-        self.decide_compile(len(tiles))
-        self.setup()
-        super().fit(pair, tiles)
 
 
 class CvaPredictor:
