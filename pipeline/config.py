@@ -242,8 +242,24 @@ class TrainSettings(_Section):
     init_from: Path | None = None  # fine-tune from this checkpoint
     max_steps_this_run: int | None = Field(None, ge=1)  # stop after this many steps (resume later)
     # cosine: warm up, then decay to 2 % of lr by the end; constant: warm up, then hold lr (for runs whose
-    # checkpoints are averaged, `scarwatch average`). Last, as in the GPU trainer's mirror (gpu_train.py)
+    # checkpoints are averaged, `scarwatch average`). New fields go last, in the order of the GPU trainer's
+    # mirror (gpu_train.py), whose fields after max_steps_this_run have defaults for older bundles
     schedule: Literal["cosine", "constant"] = "cosine"
+    # single-date footprint images beside the Santa Rosa training tiles, by shared-data folder, with the share
+    # of the erasing, copy-paste and no-change draws taken from each (the rest from Santa Rosa): more cities
+    # and sensors for the pairs made from one date. Known folders: FOOTPRINT_SETS (pipeline/model/data.py)
+    footprints: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("footprints")
+    @classmethod
+    def _footprint_shares(cls, v: dict[str, float]) -> dict[str, float]:
+        known = ("xbd-joplin",)  # pipeline.model.data.FOOTPRINT_SETS (not imported here: it needs the model stack)
+        unknown = sorted(set(v) - set(known))
+        if unknown:
+            raise ValueError(f"unknown footprint sets {unknown!r}; known: {list(known)!r}")
+        if any(s < 0 for s in v.values()) or sum(v.values()) >= 1:
+            raise ValueError(f"footprint shares {v!r} must be >= 0 and sum to less than 1 (the rest is Santa Rosa)")
+        return v
 
 
 class EvaluateSettings(_Section):

@@ -9,6 +9,7 @@ source (:mod:`pipeline.synth` needs rasterio, so they are drawn from this fixed 
     manifest.json                                   format, version, train settings, val_ids, every item
     santa/<id>_a.jpg, <id>_b.jpg, <id>.npz          pre, post; valid, change (packed bits), instances
     pairs/<source>/<name>_a.jpg, _b.jpg, .npz       earlier, later; change, valid
+    footprints/<set>/<id>.jpg, .npz                 a single-date image (``train.footprints``); valid, instances
     quick/<set>/<i>_a.jpg, _b.jpg, .npz             the quick-validation items; label, valid
     synth/<i>_a.jpg, _b.jpg, .npz                   pre-rendered demo-town pairs; labels (2, s, s)
 
@@ -30,11 +31,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.errors import InputError, MissingInputError
 from pipeline.fileio import replace_dir
-from pipeline.model.data import RealPair, SantaRosaTile
+from pipeline.model.data import RealPair, SantaRosaTile, instance_boxes
 from pipeline.model.train import QuickItem, TrainingData
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 class _Writer:
-    """Writes one item (two images and an npz) per call under the bundle folder; counts the bytes."""
+    """Writes one item (two images, or one for a single date, and an npz) per call under the bundle folder."""
 
     def __init__(self, root: Path, ext: str, quality: int) -> None:
         self.root, self.ext, self.quality = root, ext, quality
@@ -102,15 +102,21 @@ class _Writer:
     def __call__(self, stem: str, images: np.ndarray, **arrays: np.ndarray) -> str:
         base = self.root / stem
         base.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, image in zip(("_a", "_b"), images, strict=True):
+        for suffix, image in zip(_suffixes(len(images)), images, strict=True):
             _save_image(base.with_name(base.name + suffix + self.ext), image, self.quality)
         _save_arrays(base.with_name(base.name + ".npz"), **arrays)
         return stem
 
 
-def _read_item(root: Path, stem: str, ext: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _suffixes(n: int) -> tuple[str, ...]:
+    if n not in (1, 2):
+        raise ValueError(f"a bundle item holds one or two images, not {n}")
+    return ("_a", "_b") if n == 2 else ("",)
+
+
+def _read_item(root: Path, stem: str, ext: str, n: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     base = root / stem
-    images = np.stack([_load_image(base.with_name(base.name + s + ext)) for s in ("_a", "_b")])
+    images = np.stack([_load_image(base.with_name(base.name + s + ext)) for s in _suffixes(n)])
     return images, _load_arrays(base.with_name(base.name + ".npz"))
 
 
@@ -185,6 +191,13 @@ def write_bundle(
             ]
             for source_name, pairs in data.pairs.items()
         },
+        "footprints": {
+            set_name: [
+                {"stem": write(f"footprints/{set_name}/{t.id}", t.pre[None], **_tile_arrays(t)), "id": t.id}
+                for t in tiles
+            ]
+            for set_name, tiles in data.footprints.items()
+        },
         "quick": {
             name: [
                 {"stem": write(f"quick/{name}/{i:03d}", imgs, label=lab, valid=valid), "channel": int(k)}
@@ -244,7 +257,7 @@ def read_bundle(folder: str | Path) -> TrainingData:
     for entry in manifest["tiles"]:
         (pre, post), arrays = _read_item(root, entry["stem"], ext)
         inst = arrays["instances"].astype(np.int32)
-        boxes = [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(inst) if s is not None]
+        boxes = instance_boxes(inst)
         tiles.append(
             SantaRosaTile(entry["id"], int(entry["cluster"]), pre, post, arrays["valid"], arrays["change"], inst, boxes)
         )
@@ -255,6 +268,16 @@ def read_bundle(folder: str | Path) -> TrainingData:
             images, arrays = _read_item(root, entry["stem"], ext)
             pairs[name].append(
                 RealPair(entry["dataset"], entry["name"], images, arrays["change"], arrays["valid"], entry["kind"])
+            )
+    footprints: dict[str, list[SantaRosaTile]] = {}
+    for name, entries in manifest.get("footprints", {}).items():  # bundles before train.footprints have none
+        footprints[name] = []
+        for entry in entries:
+            (image,), arrays = _read_item(root, entry["stem"], ext, n=1)
+            inst = arrays["instances"].astype(np.int32)
+            boxes = instance_boxes(inst)
+            footprints[name].append(
+                SantaRosaTile(entry["id"], -1, image, image, arrays["valid"], arrays["change"], inst, boxes)
             )
     quick: dict[str, list[QuickItem]] = {}
     for name, entries in manifest["quick"].items():
@@ -273,4 +296,12 @@ def read_bundle(folder: str | Path) -> TrainingData:
         {k: len(v) for k, v in pairs.items()},
         len(synth),
     )
-    return TrainingData(tiles, pairs, quick, list(manifest["val_ids"]), synth=synth, train=dict(manifest["train"]))
+    return TrainingData(
+        tiles,
+        pairs,
+        quick,
+        list(manifest["val_ids"]),
+        synth=synth,
+        train=dict(manifest["train"]),
+        footprints=footprints,
+    )

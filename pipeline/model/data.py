@@ -25,6 +25,7 @@ The data is read from ``train.data`` / ``evaluate.data`` (../shared/data) at run
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,24 @@ class SantaRosaTile:
     change: np.ndarray
     instances: np.ndarray
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+def consecutive_ids(instances: np.ndarray) -> np.ndarray:
+    """Renumber an instance map 1..n in order: a footprint hidden under later ones leaves no gap.
+
+    The sampler takes box ``k`` of :func:`instance_boxes` to be instance ``k + 1``; with a gap (2 of Santa
+    Rosa's 4,215 footprints are covered whole by others) every later box would point at its neighbour.
+    """
+    ids = np.unique(instances)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(ids.max(initial=0)) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[instances]
+
+
+def instance_boxes(instances: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` of each footprint of an instance map whose ids run 1..n without gaps."""
+    return [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(instances) if s is not None]
 
 
 def _read_rgb(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +139,8 @@ def load_santa_rosa(root: Path, ids: list[str] | None = None) -> list[SantaRosaT
             if shapes
             else np.zeros((h, w), np.int32)
         )
-        boxes = [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(inst) if s is not None]
+        inst = consecutive_ids(inst)
+        boxes = instance_boxes(inst)
         tiles.append(SantaRosaTile(tid, int(row["cluster_id"]), pre, post, valid, change, inst, boxes))
     if not tiles:
         raise InputError(f"{root}: no tiles read; check tiles.csv and the ids asked for")
@@ -267,6 +287,61 @@ def load_png_pairs(
         valid = np.ones(change.shape, bool)
         out.append(RealPair(root.name, path.stem, np.stack([a, b]), change, valid, kind))
     return out
+
+
+#: Single-date footprint sets that ``train.footprints`` can add to the erasing, copy-paste and no-change draws.
+FOOTPRINT_SETS = ("xbd-joplin",)
+
+
+def load_footprint_images(root: Path) -> list[SantaRosaTile]:
+    """Read a set's pre-disaster images with their building footprints, as single-date tiles.
+
+    For ``xbd-joplin``: ``A/<tile>.png`` (QuickBird-2, 2009) and the polygons of ``json/<tile>_pre_disaster.json``
+    (pixel coordinates), resampled from :data:`SOURCE_GSD_M` to :data:`NATIVE_GSD_M`. Each tile's ``post`` is
+    its ``pre`` (one date), ``change`` is empty and ``cluster`` is -1: the sampler only erases, pastes and
+    pairs it with itself (:class:`pipeline.model.sampler.TrainingSampler`, ``footprints``).
+
+    Raises:
+        MissingInputError: the folder, an image or its label file is missing.
+        InputError: a label file is not xBD JSON.
+    """
+    from affine import Affine
+    from rasterio import features
+    from shapely import wkt
+
+    if root.name not in FOOTPRINT_SETS:
+        raise InputError(f"{root}: no footprint reader for {root.name!r}; known: {list(FOOTPRINT_SETS)!r}")
+    images = sorted((root / "A").glob("*.png")) if (root / "A").is_dir() else []
+    if not images:
+        raise MissingInputError(f"{root / 'A'}: no images; set train.data to the shared data folder")
+    gsd = SOURCE_GSD_M[root.name]
+    tiles = []
+    for path in images:
+        label = root / "json" / f"{path.stem}_pre_disaster.json"
+        if not label.is_file():
+            raise MissingInputError(f"{label}: not found; the footprints of {path} are read from it")
+        try:
+            polys = [wkt.loads(f["wkt"]) for f in json.loads(label.read_text(encoding="utf-8"))["features"]["xy"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{label}: not an xBD label file ({exc}); restore it from the shared data") from exc
+        img = _read_png(path)[..., :3].transpose(2, 0, 1)
+        h0, w0 = img.shape[1:]
+        shape = (int(round(h0 * gsd / NATIVE_GSD_M)), int(round(w0 * gsd / NATIVE_GSD_M)))
+        img = resample_to(img, shape)
+        # the polygons are in source pixels; one output pixel spans NATIVE / gsd of them
+        transform = Affine.scale(NATIVE_GSD_M / gsd)
+        shapes = [(g, i + 1) for i, g in enumerate(polys) if not g.is_empty]
+        inst = (
+            features.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="int32")
+            if shapes
+            else np.zeros(shape, np.int32)
+        )
+        inst = consecutive_ids(inst)
+        boxes = instance_boxes(inst)
+        valid = img.max(axis=0) > 0  # xBD's black fill
+        tiles.append(SantaRosaTile(path.stem, -1, img, img, valid, np.zeros(shape, bool), inst, boxes))
+    log.info("read %d footprint images (%d buildings) from %s", len(tiles), sum(len(t.boxes) for t in tiles), root)
+    return tiles
 
 
 def whu_split(root: Path) -> tuple[list[str], list[str]]:

@@ -101,6 +101,7 @@ class PlainTrainSettings:
     init_from: Path | None
     max_steps_this_run: int | None
     schedule: str = "cosine"  # bundles written before the field existed train on the cosine schedule
+    footprints: dict[str, float] = dataclasses.field(default_factory=dict)  # older bundles: Santa Rosa only
 
     @classmethod
     def from_manifest(cls, train: dict[str, Any], **overrides: Any) -> PlainTrainSettings:
@@ -111,7 +112,11 @@ class PlainTrainSettings:
         """
         names = [f.name for f in dataclasses.fields(cls)]
         values = {**{k: train[k] for k in names if k in train}, **overrides}
-        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        optional = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
         missing = [n for n in names if n not in values and n not in optional]
         if missing:
             raise InputError(f"the bundle's train settings lack {missing!r}; write the bundle again (scarwatch bundle)")

@@ -110,6 +110,9 @@ class TrainingSampler:
         scale_range: range of the random rescale (applied to half of the samples).
         coarsen_p: share of samples coarsened to a pixel of ``coarsen_range`` metres (:func:`coarsen`).
         coarsen_range: delivery pixel sizes simulated, metres.
+        footprints: single-date footprint tiles by set (:func:`pipeline.model.data.load_footprint_images`)
+            with the share of the ``erase``, ``paste`` and ``nochange`` draws taken from each set; the rest
+            come from the Santa Rosa tiles.
         synth_pairs: pre-rendered demo-town pairs ``(images uint8 (2, c, s, s), labels (2, s, s))`` the
             ``synth`` source crops from (centred on change 75 % of the time); None renders a new pair per
             sample with :func:`pipeline.synth.training.training_pair` (which needs rasterio).
@@ -127,6 +130,7 @@ class TrainingSampler:
         coarsen_p: float = 0.0,
         coarsen_range: tuple[float, float] = (0.6, 2.0),
         synth_pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        footprints: dict[str, tuple[float, list[SantaRosaTile]]] | None = None,
     ) -> None:
         if not tiles:
             raise InputError("no Santa Rosa training tiles; check train.val_fraction and paths.shared")
@@ -143,6 +147,12 @@ class TrainingSampler:
         self.synth_pairs = synth_pairs
         self.changed = [t for t in tiles if t.change.any()]
         self.with_buildings = [t for t in tiles if t.boxes]
+        # the single-date pools erase / paste / nochange draw from: (share, tiles, tiles with buildings)
+        self.footprints = [
+            (share, list(ts), [t for t in ts if t.boxes]) for _, (share, ts) in sorted((footprints or {}).items())
+        ]
+        if any(share > 0 and not boxed for share, _, boxed in self.footprints):
+            raise InputError("a footprint set in train.footprints has no buildings; check it or set its share to 0")
         self.counts: dict[str, int] = {k: 0 for k in weights}
         self._sources: dict[str, Callable[[int], Sample]] = {
             "santa": self._santa,
@@ -253,8 +263,22 @@ class TrainingSampler:
     def _any_tile(self) -> SantaRosaTile:
         return self.tiles[int(self.rng.integers(len(self.tiles)))]
 
+    def _pool(self, buildings: bool) -> list[SantaRosaTile]:
+        """The tiles one single-date draw picks from: a footprint set by its share, else Santa Rosa's."""
+        if self.footprints:  # no draw without footprint sets: older runs keep their random stream
+            u, acc = float(self.rng.random()), 0.0
+            for share, tiles, boxed in self.footprints:
+                acc += share
+                if u < acc:
+                    return boxed if buildings else tiles
+        return self.with_buildings if buildings else self.tiles
+
+    def _single_date_tile(self, buildings: bool = False) -> SantaRosaTile:
+        pool = self._pool(buildings)
+        return pool[int(self.rng.integers(len(pool)))]
+
     def _nochange(self, size: int) -> Sample:
-        tile = self._any_tile()
+        tile = self._single_date_tile()
         h, w = tile.valid.shape
         y, x = _crop_origin(h, w, size, self.rng)
         img = tile.pre if self.rng.random() < 0.5 else tile.post
@@ -263,7 +287,7 @@ class TrainingSampler:
 
     def _building_crop(self, size: int) -> tuple[SantaRosaTile, int, int]:
         rng = self.rng
-        tile = self.with_buildings[int(rng.integers(len(self.with_buildings)))]
+        tile = self._single_date_tile(buildings=True)
         y0, y1, x0, x1 = tile.boxes[int(rng.integers(len(tile.boxes)))]
         h, w = tile.valid.shape
         y, x = _crop_origin(h, w, size, rng, ((y0 + y1) // 2, (x0 + x1) // 2))
@@ -313,7 +337,7 @@ class TrainingSampler:
         # target: the emptiest of a few random crops
         best = None
         for _ in range(4):
-            tile = self._any_tile()
+            tile = self._single_date_tile()
             h, w = tile.valid.shape
             y, x = _crop_origin(h, w, size, rng)
             occ = (tile.instances[y : y + size, x : x + size] > 0).mean() + (
@@ -334,7 +358,7 @@ class TrainingSampler:
         shadow_len = rng.uniform(1, 6)
         sdy, sdx = int(round(np.sin(sun) * shadow_len)), int(round(np.cos(sun) * shadow_len))
         for _ in range(int(rng.integers(1, 7))):
-            src = self.with_buildings[int(rng.integers(len(self.with_buildings)))]
+            src = self._single_date_tile(buildings=True)
             k = int(rng.integers(len(src.boxes)))
             y0, y1, x0, x1 = src.boxes[k]
             if min(y1 - y0, x1 - x0) < 4 or max(y1 - y0, x1 - x0) > size - 8:

@@ -45,6 +45,7 @@ from pipeline.model.data import (
     RealPair,
     SantaRosaTile,
     demo_pairs,
+    load_footprint_images,
     load_png_pairs,
     load_santa_rosa,
     split_clusters,
@@ -78,6 +79,8 @@ class TrainingData:
         synth: pre-rendered demo-town pairs ``(images uint8 (2, 3, s, s), labels uint8 (2, s, s))`` for the
             sampler's ``synth`` source; None renders them while training (needs :mod:`pipeline.synth`).
         train: the train settings (JSON-like) the data was loaded with.
+        footprints: single-date footprint tiles by shared-data folder (``train.footprints``), for the
+            sampler's erasing, copy-paste and no-change draws.
     """
 
     tiles: list[SantaRosaTile]
@@ -86,6 +89,7 @@ class TrainingData:
     val_ids: list[str]
     synth: list[tuple[np.ndarray, np.ndarray]] | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    footprints: dict[str, list[SantaRosaTile]] = field(default_factory=dict)
 
 
 def settings_json(settings: Any) -> str:
@@ -344,9 +348,10 @@ def load_training_data(settings: TrainSettings, data: Path) -> TrainingData:
         pairs["whu"] = load_png_pairs(data / "whu-cd", "new", names=whu_train)
     if settings.mix.get("joplin", 0) > 0:
         pairs["joplin"] = load_png_pairs(data / "xbd-joplin", "removed", label_dir="label_destroyed_or_major")
+    footprints = {name: load_footprint_images(data / name) for name, share in settings.footprints.items() if share > 0}
     tiles = load_santa_rosa(santa_root, train_ids)
     quick = quick_validation_sets(data, val_ids, seed=settings.split_seed + 1)
-    return TrainingData(tiles, pairs, quick, val_ids, train=json.loads(settings_json(settings)))
+    return TrainingData(tiles, pairs, quick, val_ids, train=json.loads(settings_json(settings)), footprints=footprints)
 
 
 def training_sampler(data: TrainingData, settings: Any, rng: np.random.Generator) -> TrainingSampler:
@@ -355,8 +360,15 @@ def training_sampler(data: TrainingData, settings: Any, rng: np.random.Generator
     ``settings`` is the train section or the GPU trainer's plain settings (both have ``mix`` and
     ``coarsen_p``); training, the GPU trainer and weight averaging draw through this one constructor.
     """
+    shares = dict(settings.footprints)
     return TrainingSampler(
-        data.tiles, dict(settings.mix), rng, pairs=data.pairs, coarsen_p=settings.coarsen_p, synth_pairs=data.synth
+        data.tiles,
+        dict(settings.mix),
+        rng,
+        pairs=data.pairs,
+        coarsen_p=settings.coarsen_p,
+        synth_pairs=data.synth,
+        footprints={name: (share, data.footprints.get(name, [])) for name, share in shares.items() if share > 0},
     )
 
 
