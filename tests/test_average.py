@@ -95,3 +95,29 @@ def test_average_command_draws_batches_from_the_runs_mix(fake_shared: Path, tmp_
     assert ChangeModel.load(out).meta["bn_batches"] == 2 and "calibrate it next" in res.output
     bad = CliRunner().invoke(cli, [*shared, "average", str(paths[0]), "--out", str(out)])
     assert bad.exit_code == 2 and "at least two" in bad.output
+
+
+def test_batchnorm_batches_draw_the_runs_footprint_sets(fake_shared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.model.train as train_module
+    from pipeline.config import load_settings
+    from pipeline.model.average import training_batches
+
+    read, drawn = [], []
+    real_reader, real_pool = train_module.load_footprint_images, train_module.TrainingSampler._pool
+
+    def reader(root: Path) -> list:
+        read.append(root)
+        return real_reader(root)
+
+    def pool(self: object, buildings: bool) -> list:
+        out = real_pool(self, buildings)
+        drawn.append(out[0].id)
+        return out
+
+    monkeypatch.setattr(train_module, "load_footprint_images", reader)
+    monkeypatch.setattr(train_module.TrainingSampler, "_pool", pool)
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml", {"paths.shared": str(fake_shared)})
+    meta = {"mix": {"nochange": 1.0}, "footprints": {"xbd-joplin": 0.999}, "crop": 32, "batch_size": 2}
+    (batch,) = training_batches(settings, meta, 1, seed=0)
+    assert batch.shape == (2, 2, 3, 32, 32)
+    assert read == [fake_shared / "xbd-joplin"] and drawn == ["joplin-tornado_00000000"] * 2

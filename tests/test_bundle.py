@@ -31,7 +31,7 @@ TINY = {"widths": [4, 4, 8, 8, 8]}
 
 
 def _settings(tmp_path: Path, **kw: object) -> TrainSettings:
-    return _fake_train_settings(tmp_path, **{"steps": 3, **kw})
+    return _fake_train_settings(tmp_path, **{"steps": 3, "footprints": {"xbd-joplin": 0.3}, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,14 @@ def _assert_same(a: TrainingData, b: TrainingData, *, atol: float = 0) -> None:
             images(p.images, q.images)
             np.testing.assert_array_equal(p.change, q.change)
             np.testing.assert_array_equal(p.valid, q.valid)
+    assert a.footprints.keys() == b.footprints.keys() == {"xbd-joplin"}
+    for key in a.footprints:
+        assert [t.id for t in a.footprints[key]] == [t.id for t in b.footprints[key]]
+        for s, t in zip(a.footprints[key], b.footprints[key], strict=True):
+            images(s.pre, t.pre)
+            assert t.post is t.pre and s.boxes == t.boxes and len(t.boxes) == 9
+            for name in ("valid", "change", "instances"):
+                np.testing.assert_array_equal(getattr(s, name), getattr(t, name))
     assert a.quick_sets.keys() == b.quick_sets.keys()
     for key in a.quick_sets:
         assert len(a.quick_sets[key]) == len(b.quick_sets[key])
@@ -102,6 +110,18 @@ def test_a_jpeg_bundle_is_close_and_its_masks_exact(fake_data: TrainingData, tmp
     # writing again replaces the bundle
     write_bundle(fake_data, tmp_path / "b", demo_pairs=0, image_format="png")
     assert not list((tmp_path / "b").rglob("*.jpg"))
+
+
+def test_a_bundle_from_before_footprint_sets_reads_without_them(fake_data: TrainingData, tmp_path: Path) -> None:
+    write_bundle(fake_data, tmp_path / "b", demo_pairs=0, image_format="png")
+    assert (tmp_path / "b" / "footprints" / "xbd-joplin" / "joplin-tornado_00000000.png").is_file()  # one date
+    path = tmp_path / "b" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["footprints"], manifest["train"]["footprints"]
+    path.write_text(json.dumps(manifest))
+    back = read_bundle(tmp_path / "b")
+    assert back.footprints == {} and len(back.tiles) == len(fake_data.tiles)
+    assert PlainTrainSettings.from_manifest(back.train).footprints == {}
 
 
 def test_read_bundle_refuses_a_folder_that_is_not_one(tmp_path: Path) -> None:

@@ -11,12 +11,15 @@ import torch
 from scipy import ndimage
 
 from pipeline.config import TrainSettings
-from pipeline.errors import ModelError
+from pipeline.errors import InputError, ModelError
 from pipeline.model.data import (
     NATIVE_GSD_M,
     RealPair,
     SantaRosaTile,
     coarsen,
+    consecutive_ids,
+    instance_boxes,
+    load_footprint_images,
     load_levir,
     load_png_pairs,
     split_clusters,
@@ -113,6 +116,51 @@ def test_sampler_is_seeded() -> None:
         np.testing.assert_array_equal(x, y)
 
 
+def _single_date_tile(ground: int) -> SantaRosaTile:
+    """A one-date tile of flat ``ground`` with a row of bright roofs (a footprint set's image)."""
+    size = 160
+    img = np.full((3, size, size), ground, np.uint8)
+    inst = np.zeros((size, size), np.int32)
+    for k, x in enumerate(range(12, size - 30, 36)):
+        inst[60:84, x : x + 24] = k + 1
+    img[:, inst > 0] = 230
+    valid = np.ones((size, size), bool)
+    return SantaRosaTile("fp", -1, img, img, valid, np.zeros((size, size), bool), inst, instance_boxes(inst))
+
+
+def test_sampler_draws_single_date_pairs_from_footprint_sets_at_their_share() -> None:
+    dark = _single_date_tile(ground=8)
+    sampler = TrainingSampler(
+        [fake_tile(0), fake_tile(1)], {"nochange": 1.0}, np.random.default_rng(0), footprints={"dark": (0.5, [dark])}
+    )
+    images, _, _ = sampler.batch(200, 64)
+    from_dark = float((np.median(images[:, 0], axis=(1, 2, 3)) < 0.2).mean())  # Santa Rosa's ground is ~0.35
+    assert 0.4 < from_dark < 0.6
+    # erasing with every draw from the set: the erased roofs are the set's, on its dark ground
+    sampler = TrainingSampler(
+        [fake_tile(0)], {"erase": 1.0}, np.random.default_rng(1), footprints={"dark": (0.999, [dark])}
+    )
+    images, labels, weight = sampler.batch(8, 64)
+    for im, lab, w in zip(images, labels, weight, strict=True):
+        changed = lab.max(axis=0) > 0
+        assert changed.any() and np.median(im[0][:, w & ~changed]) < 0.2
+
+
+def test_sampler_without_footprint_sets_keeps_its_random_stream() -> None:
+    tiles = [fake_tile(0), fake_tile(1)]
+    a = TrainingSampler(tiles, MIX, np.random.default_rng(3)).batch(4, 64)
+    b = TrainingSampler(tiles, MIX, np.random.default_rng(3), footprints={}).batch(4, 64)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sampler_refuses_a_footprint_set_without_buildings() -> None:
+    empty = _single_date_tile(ground=8)
+    empty.boxes = []
+    with pytest.raises(InputError, match="no buildings"):
+        TrainingSampler([fake_tile(0)], MIX, np.random.default_rng(0), footprints={"x": (0.2, [empty])})
+
+
 def test_sampler_rejects_unknown_source() -> None:
     with pytest.raises(ValueError, match="unknown training sources"):
         TrainingSampler([fake_tile()], {"mystery": 1.0}, np.random.default_rng(0))
@@ -138,6 +186,57 @@ def test_train_settings_validate() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         TrainSettings(crop=100)
     assert TrainSettings().arch == "scarnet"
+    assert TrainSettings().footprints == {}
+    assert TrainSettings(footprints={"xbd-joplin": 0.3}).footprints == {"xbd-joplin": 0.3}
+    with pytest.raises(ValueError, match=r"unknown footprint sets \['spacenet-sample'\]"):
+        TrainSettings(footprints={"spacenet-sample": 0.3})
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        TrainSettings(footprints={"xbd-joplin": 1.0})
+
+
+def test_consecutive_ids_close_the_gaps_and_keep_the_background() -> None:
+    inst = np.array([[0, 3, 3, 9], [5, 5, 0, 9]])
+    out = consecutive_ids(inst)
+    np.testing.assert_array_equal(out, [[0, 1, 1, 3], [2, 2, 0, 3]])
+    assert out.dtype == np.int32
+    # box k is instance k + 1, which is what the sampler's copy-paste relies on
+    for k, (y0, y1, x0, x1) in enumerate(instance_boxes(out)):
+        assert (out[y0:y1, x0:x1] == k + 1).any()
+    np.testing.assert_array_equal(consecutive_ids(np.array([[2, 2], [7, 7]])), [[1, 1], [2, 2]])  # no background
+    assert not consecutive_ids(np.zeros((2, 2), np.int64)).any()
+
+
+def test_footprint_images_rasterise_the_pre_polygons(fake_shared: Path) -> None:
+    (tile,) = load_footprint_images(fake_shared / "xbd-joplin")
+    assert tile.id == "joplin-tornado_00000000" and tile.cluster == -1
+    side = int(round(96 * 0.55 / NATIVE_GSD_M))  # resampled from Joplin's 0.55 m to the network's 0.5 m
+    assert tile.pre.shape == (3, side, side) and tile.post is tile.pre and not tile.change.any()
+    assert len(tile.boxes) == 9 and tile.instances.max() == 9
+    roofs = tile.instances > 0
+    assert tile.pre[:, roofs].mean() > 180 and tile.pre[:, ~roofs].mean() < 130  # the footprints lie on the roofs
+
+
+def test_footprint_images_refuse_an_unknown_set(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no footprint reader"):
+        load_footprint_images(tmp_path / "spacenet-sample")
+
+
+@pytest.mark.realdata
+def test_joplin_footprints_match_the_shared_footprint_masks(shared_data: Path) -> None:
+    from pipeline.model.data import resample_to
+
+    tiles = load_footprint_images(shared_data / "xbd-joplin")
+    assert [t.id for t in tiles] == [f"joplin-tornado_0000000{i}" for i in range(3)]
+    assert sum(len(t.boxes) for t in tiles) == 486  # 185 + 198 + 103 polygons in the pre labels
+    for t in tiles:
+        assert t.pre.shape == (3, 1126, 1126) and t.instances.max() == len(t.boxes)
+        # the shared footprint_pre masks were rasterised on the 1024² source grid, independently of this reader
+        from PIL import Image
+
+        mask = np.asarray(Image.open(shared_data / "xbd-joplin" / "footprint_pre" / f"{t.id}.png")) > 127
+        mask = resample_to(mask[..., 0] if mask.ndim == 3 else mask, t.instances.shape, label=True)
+        ours = t.instances > 0
+        assert (ours & mask).sum() / (ours | mask).sum() > 0.9
 
 
 @pytest.mark.realdata

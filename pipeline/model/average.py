@@ -89,7 +89,7 @@ def training_batches(settings: Settings, train_meta: dict[str, Any], n: int, *, 
     from pipeline.model.train import load_training_data, training_sampler
 
     train = settings.train.model_copy(
-        update={k: train_meta[k] for k in ("mix", "coarsen_p", "crop", "batch_size") if k in train_meta}
+        update={k: train_meta[k] for k in ("mix", "footprints", "coarsen_p", "crop", "batch_size") if k in train_meta}
     )
     data = load_training_data(train, settings.paths.shared)
     sampler = training_sampler(data, train, np.random.default_rng(seed))

@@ -5,8 +5,9 @@ Layouts copied from the real sets (see ../shared/data/README.md): ``xbd-santa-ro
 post/ RGB GeoTIFFs with an internal mask in EPSG:32610 at 0.5 m, labels/<id>_destroyed.tif,
 buildings/<id>.geojson in EPSG:4326 with ``subtype``), ``levir-dev`` and ``whu-cd`` (A/, B/, label/
 PNGs; WHU at 0.3 m with the ``ucdscm_`` and ``lgpnet_`` tilings) and ``xbd-joplin`` (A/, B/, label/,
-label_destroyed_or_major/ PNGs). The scenes are grey-green ground with bright square roofs; in "later"
-images some roofs are new (LEVIR/WHU) or burnt (Santa Rosa/Joplin).
+label_destroyed_or_major/, footprint_pre/ PNGs and json/<tile>_pre_disaster.json polygons). The scenes
+are grey-green ground with bright square roofs; in "later" images some roofs are new (LEVIR/WHU) or burnt
+(Santa Rosa/Joplin).
 
 Run ``python tests/data/fake_shared.py OUT`` to write one by hand.
 """
@@ -72,6 +73,22 @@ def _png_pairs(root: Path, names: list[str], size: int, rng: np.random.Generator
         if removed:
             _png(root / "label_destroyed_or_major" / f"{name}.png", label)
             _png(root / "footprint_pre" / f"{name}.png", _mask((size, size), roofs).astype(np.uint8) * 255)
+            _xbd_json(root / "json" / f"{name}_pre_disaster.json", roofs)
+
+
+def _xbd_json(path: Path, roofs: list[tuple[int, int, int, int]]) -> None:
+    """xBD's label layout: ``features.xy`` polygons in pixel coordinates as WKT (x, y)."""
+    import json
+
+    xy = [
+        {
+            "properties": {"feature_type": "building"},
+            "wkt": f"POLYGON (({x0} {y0}, {x1} {y0}, {x1} {y1}, {x0} {y1}, {x0} {y0}))",
+        }
+        for y0, y1, x0, x1 in roofs
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"features": {"xy": xy}, "metadata": {"width": 0}}), encoding="utf-8")
 
 
 def _santa_rosa(root: Path, rng: np.random.Generator) -> None:
