@@ -733,6 +733,9 @@ def train(settings: Settings, out: Path | None, arch: str | None, resume: bool) 
         out = out or settings.detect.model.with_name(f"{arch}.pt")
     target = out or settings.detect.model
     result = run_training(train_settings, target, data=settings.paths.shared, resume=resume)
+    if not result.finished:
+        why = f" by {result.signal}" if result.signal else ""
+        return f"paused{why} at step {result.steps}, state saved -> {target}; continue with --resume"
     return f"trained {result.arch} for {result.steps} steps -> {target}"
 
 

@@ -377,6 +377,42 @@ def test_a_stopped_and_resumed_run_equals_one_long_run(fake_shared: Path, tmp_pa
     assert losses_a == losses_b
 
 
+def test_a_signal_pauses_the_run_with_its_state_and_resume_equals_one_long_run(
+    fake_shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import os
+    import signal
+
+    import pipeline.model.train as train_module
+
+    one = train_module.train(_fake_train_settings(tmp_path / "a"), tmp_path / "a" / "net.pt", data=fake_shared)
+    real_step, calls = train_module.train_step, []
+
+    def step_then_sigterm(*args: object, **kw: object) -> torch.Tensor:
+        loss = real_step(*args, **kw)  # type: ignore[arg-type]
+        calls.append(1)
+        if len(calls) == 3:  # the signal lands in the middle of the run, as a kill would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_module, "train_step", step_then_sigterm)
+    out = tmp_path / "b" / "net.pt"
+    stopped = train_module.train(_fake_train_settings(tmp_path / "b"), out, data=fake_shared)
+    assert (stopped.steps, stopped.finished, stopped.signal) == (3, False, "SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+    assert torch.load(train_module.resume_path(out), weights_only=False)["step"] == 3
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    resumed = train_module.train(_fake_train_settings(tmp_path / "b"), out, data=fake_shared, resume=True)
+    assert resumed.steps == 6 and resumed.finished and resumed.signal is None
+    a = torch.load(tmp_path / "a" / "net.pt", weights_only=True)["state_dict"]
+    b = torch.load(out, weights_only=True)["state_dict"]
+    assert one.steps == 6 and all(torch.equal(v, b[k]) for k, v in a.items())
+    pause = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines() if '"pause"' in x]
+    assert [(p["step"], p["signal"]) for p in pause] == [(3, "SIGTERM")]
+
+
 def test_resume_refuses_changed_settings(fake_shared: Path, tmp_path: Path) -> None:
     from pipeline.model.train import train
 
@@ -385,3 +421,29 @@ def test_resume_refuses_changed_settings(fake_shared: Path, tmp_path: Path) -> N
         train(_fake_train_settings(tmp_path, lr=0.5), tmp_path / "net.pt", data=fake_shared, resume=True)
     with pytest.raises(ModelError, match="no training state to resume"):
         train(_fake_train_settings(tmp_path), tmp_path / "other.pt", data=fake_shared, resume=True)
+
+
+def test_the_train_command_says_when_it_paused(fake_shared: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    sets = {
+        "paths.shared": str(fake_shared),
+        "train.steps": "6",
+        "train.max_steps_this_run": "2",
+        "train.crop": "64",
+        "train.batch_size": "2",
+        "train.arch_kwargs": "{widths: [4, 4, 8, 8, 8]}",
+        "train.threads": "1",
+        "train.val_every": "1000",
+        "train.log_path": str(tmp_path / "log.jsonl"),
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    out = tmp_path / "net.pt"
+    res = CliRunner().invoke(cli, [*args, "train", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"paused at step 2, state saved -> {out}; continue with --resume" in res.output
+    resume = [*args, "--set", "train.max_steps_this_run=null", "train", "--out", str(out), "--resume"]
+    res = CliRunner().invoke(cli, resume)
+    assert res.exit_code == 0 and f"trained scarnet for 6 steps -> {out}" in res.output

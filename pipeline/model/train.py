@@ -9,7 +9,8 @@ under bf16 autocast where ``train.amp`` allows (AMX on the CPU, CUDA), logs one 
 writes the checkpoint and the resumable training state every ``checkpoint_every`` steps. With
 ``time_limit_min`` the cosine schedule runs on ``max(step / steps, elapsed / limit)``, so the learning
 rate has decayed whenever the run stops; without it the schedule runs on steps alone, and a run stopped
-and resumed (``--resume``) equals one long run.
+and resumed (``--resume``) equals one long run. SIGTERM or Ctrl-C stops a run after the step it is in,
+with the state saved (:class:`StopSignals`).
 
 The command is ``scarwatch train [--set train.steps=3000 ...] [--resume]``. This module imports neither
 pydantic nor rasterio (settings are read by attribute, the shared-data readers import rasterio when they
@@ -27,6 +28,7 @@ import math
 import platform
 import queue
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,6 +115,8 @@ class TrainResult:
         final_loss: mean loss over the last logging window.
         best_val: the best quick-validation score seen (weighted pixel F1), or None.
         history: the logged records.
+        finished: the schedule ran to its end (False: paused, to be resumed).
+        signal: the signal that stopped the run (``SIGTERM``, ``SIGINT``), or None.
     """
 
     path: Path
@@ -122,6 +126,8 @@ class TrainResult:
     final_loss: float
     best_val: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = True
+    signal: str | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -306,6 +312,39 @@ class Prefetcher:
         self._thread.join(timeout=10)
 
 
+class StopSignals:
+    """While in use, SIGTERM and SIGINT ask the training loop to stop at the end of the step it is in.
+
+    The loop then saves the checkpoint and the resumable state as at a planned pause, so stopping a run
+    (``kill``, Ctrl-C, a scheduler's SIGTERM) loses no steps and ``--resume`` continues exactly. A second
+    signal acts as it would without this (Ctrl-C twice stops at once). Outside the main thread, where
+    Python cannot take signals, it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        for sig, handler in self._previous.items():  # the next one is not ours to soften
+            signal.signal(sig, handler)
+        log.warning("%s: stopping after this step, with the state saved (again to stop at once)", self.received)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def resume_path(out_path: Path) -> Path:
     """Where a run writing ``out_path`` keeps its resumable training state."""
     return out_path.with_name(out_path.stem + ".resume.pt")
@@ -479,7 +518,7 @@ def train(
     prefetch = Prefetcher(sampler, settings.batch_size, settings.crop)
     sampler_state = sampler.state()
     module.train()
-    with settings.log_path.open("a", encoding="utf-8") as log_file:
+    with settings.log_path.open("a", encoding="utf-8") as log_file, StopSignals() as stop:
 
         def record(rec: dict[str, Any]) -> None:
             history.append(rec)
@@ -532,6 +571,8 @@ def train(
                     break
                 if settings.max_steps_this_run is not None and run_steps >= settings.max_steps_this_run:
                     break
+                if stop.received is not None:
+                    break
                 lr = settings.lr * lr_factor(progress, warmup, schedule=settings.schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -568,9 +609,12 @@ def train(
             prefetch.close()
         wall = time.monotonic() - start
         finished = progress >= 1.0
-        val = quick(module, device)
-        record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
-        save(out_path, steps=step, wall_s=round(wall_before + wall, 1), quick_val=val, finished=finished)
+        if stop.received is None:
+            val = quick(module, device)
+            record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
+            save(out_path, steps=step, wall_s=round(wall_before + wall, 1), quick_val=val, finished=finished)
+        else:  # stopped by a signal: save at once, without the quick validation
+            save(out_path, steps=step, wall_s=round(wall_before + wall, 1), finished=finished)
         save_state()
         final = float(np.mean(losses)) if losses else float("nan")
         record(
@@ -582,7 +626,8 @@ def train(
                 "total_wall_s": round(wall_before + wall, 1),
                 "final_loss": final,
                 "mix": sampler_state["counts"],
+                **({"signal": stop.received} if stop.received else {}),
             }
         )
     log.info("trained %s: %d steps (%d this run) in %.0f s -> %s", settings.arch, step, run_steps, wall, out_path)
-    return TrainResult(out_path, settings.arch, step, wall, final, best, history)
+    return TrainResult(out_path, settings.arch, step, wall, final, best, history, finished, stop.received)
