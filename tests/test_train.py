@@ -93,7 +93,7 @@ def test_training_resolves_devices_as_everything_else() -> None:
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("source", ["santa", "erase", "paste", "nochange"])
+@pytest.mark.parametrize("source", ["santa", "erase", "paste", "nochange", "shadow"])
 def test_sampler_sources(source: str) -> None:
     sampler = TrainingSampler([fake_tile(0), fake_tile(1)], {source: 1.0}, np.random.default_rng(0))
     images, labels, weight = sampler.batch(3, 64)
@@ -101,7 +101,7 @@ def test_sampler_sources(source: str) -> None:
     assert images.min() >= 0 and images.max() <= 1
     assert labels.shape == (3, 2, 64, 64) and set(np.unique(labels)) <= {0.0, 1.0}
     assert weight.shape == (3, 64, 64) and weight.dtype == bool
-    if source == "nochange":
+    if source in ("nochange", "shadow"):
         assert labels.sum() == 0
     # a sample is new or removed, never both at one pixel
     assert (labels[:, 0] * labels[:, 1]).sum() == 0
@@ -159,6 +159,23 @@ def test_sampler_refuses_a_footprint_set_without_buildings() -> None:
     empty.boxes = []
     with pytest.raises(InputError, match="no buildings"):
         TrainingSampler([fake_tile(0)], MIX, np.random.default_rng(0), footprints={"x": (0.2, [empty])})
+
+
+def test_shadow_pairs_differ_only_by_darker_ground_beside_the_buildings() -> None:
+    tile = _single_date_tile(ground=120)
+    sampler = TrainingSampler([tile], {"shadow": 1.0}, np.random.default_rng(4))
+    changed = 0
+    for _ in range(12):
+        images, labels, valid = sampler._shadow(64)  # before the shared augmentation, to compare pixels
+        assert not labels.any() and valid.all()
+        roofs = images.min(axis=(0, 1)) >= 229  # the roofs (230) stand in both epochs, undarkened
+        assert roofs.any() and (images[:, :, roofs] == 230).all()
+        ground = ~roofs
+        assert (images[:, :, ground] <= 120).all()  # shadows only darken the ground (120)
+        darker = (images[0] != images[1]).any(axis=0)
+        assert not (darker & roofs).any()
+        changed += int(darker.sum() > 0)
+    assert changed >= 6  # most pairs show shadows of another sun
 
 
 def test_sampler_rejects_unknown_source() -> None:

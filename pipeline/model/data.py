@@ -289,7 +289,7 @@ def load_png_pairs(
     return out
 
 
-#: Single-date footprint sets that ``train.footprints`` can add to the erasing, copy-paste and no-change draws.
+#: Single-date footprint sets ``train.footprints`` can add to the erasing, copy-paste, no-change and shadow draws.
 FOOTPRINT_SETS = ("xbd-joplin",)
 
 

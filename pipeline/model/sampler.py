@@ -53,6 +53,17 @@ def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
+def _shifted(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` moved by ``(dy, dx)`` pixels, False where it moved in from outside (no wrap-around)."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    if abs(dy) < h and abs(dx) < w:
+        out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+            max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+        ]
+    return out
+
+
 def _geometric(arrays: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The same random flip and rot90 on the last two axes of every array."""
     k = int(rng.integers(4))
@@ -102,7 +113,7 @@ class TrainingSampler:
 
     Args:
         tiles: the Santa Rosa training tiles.
-        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``synth``
+        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``shadow``, ``synth``
             and one per entry of ``pairs`` (``whu``, ``joplin``).
         rng: the random generator (seeded by the caller).
         pairs: other labelled real pairs by source name, at the native pixel size.
@@ -111,7 +122,7 @@ class TrainingSampler:
         coarsen_p: share of samples coarsened to a pixel of ``coarsen_range`` metres (:func:`coarsen`).
         coarsen_range: delivery pixel sizes simulated, metres.
         footprints: single-date footprint tiles by set (:func:`pipeline.model.data.load_footprint_images`)
-            with the share of the ``erase``, ``paste`` and ``nochange`` draws taken from each set; the rest
+            with the share of the ``erase``, ``paste``, ``nochange`` and ``shadow`` draws taken from each set; the rest
             come from the Santa Rosa tiles.
         synth_pairs: pre-rendered demo-town pairs ``(images uint8 (2, c, s, s), labels (2, s, s))`` the
             ``synth`` source crops from (centred on change 75 % of the time); None renders a new pair per
@@ -147,7 +158,7 @@ class TrainingSampler:
         self.synth_pairs = synth_pairs
         self.changed = [t for t in tiles if t.change.any()]
         self.with_buildings = [t for t in tiles if t.boxes]
-        # the single-date pools erase / paste / nochange draw from: (share, tiles, tiles with buildings)
+        # the single-date pools erase / paste / nochange / shadow draw from: (share, tiles, tiles with buildings)
         self.footprints = [
             (share, list(ts), [t for t in ts if t.boxes]) for _, (share, ts) in sorted((footprints or {}).items())
         ]
@@ -159,6 +170,7 @@ class TrainingSampler:
             "erase": self._erase,
             "paste": self._paste,
             "nochange": self._nochange,
+            "shadow": self._shadow,
             "synth": self._synth_pair,
         }
         for name in self.pairs:
@@ -284,6 +296,37 @@ class TrainingSampler:
         img = tile.pre if self.rng.random() < 0.5 else tile.post
         imgs, valid, _ = self._pair_crop(tile.valid, img, img, y, x, size)
         return imgs, np.zeros((2, size, size), np.uint8), valid
+
+    def _shadow(self, size: int) -> Sample:
+        """No change but the shadows: one crop, its buildings casting shadows of another length and direction.
+
+        Monthly deliveries are taken under another sun (season, time of day, satellite), so the shadows of
+        standing buildings grow, shrink and turn between two epochs. That is not a change, and it is what
+        a network trained only on pairs under one sun flags as a removed or new structure (the demo town's
+        tall blocks did so every spring). Each epoch gets the cast shadows of the crop's footprints from its
+        own sun (an azimuth within 40 degrees of the other's, a length of 1-20 px, so up to 10 m at 0.5 m),
+        or none (a third of the epochs); the label is empty.
+        """
+        rng = self.rng
+        tile, y, x = self._building_crop(size)
+        img = tile.pre[:, y : y + size, x : x + size].astype(np.float32)
+        foot = tile.instances[y : y + size, x : x + size] > 0
+        valid = tile.valid[y : y + size, x : x + size]
+        base = rng.uniform(0, 2 * np.pi)
+        out = []
+        for _ in range(2):
+            epoch = img.copy()
+            if rng.random() >= 1 / 3:
+                az, length = base + rng.uniform(-0.35, 0.35), rng.uniform(1, 20)
+                dy, dx = np.sin(az), np.cos(az)
+                cast = np.zeros_like(foot)
+                for step in range(1, int(np.ceil(length)) + 1):  # the footprint swept along the shadow
+                    cast |= _shifted(foot, int(round(dy * step)), int(round(dx * step)))
+                alpha = ndimage.gaussian_filter((cast & ~foot).astype(np.float32), 0.7) * ~foot  # roofs stay lit
+                dark = rng.uniform(0.4, 0.75) * np.array([1.0, 1.04, 1.18], np.float32)[:, None, None]
+                epoch = epoch * (1 - alpha * (1 - np.minimum(dark, 1.0)))
+            out.append(np.clip(epoch, 0, 255).astype(np.uint8))
+        return np.stack(out), np.zeros((2, size, size), np.uint8), valid.copy()
 
     def _building_crop(self, size: int) -> tuple[SantaRosaTile, int, int]:
         rng = self.rng
