@@ -11,7 +11,7 @@
 # EXTRA="--set train.max_steps_this_run=N" stops after N steps with the state saved)
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
-[ -f models/stage7/init_stage6_4000.pt ] || cp models/scarnet.pt models/stage7/init_stage6_4000.pt
+[ -f models/stage7/init_stage6_4000.pt ] || git show fc8559f:models/scarnet.pt > models/stage7/init_stage6_4000.pt  # stage 6 at step 4,000
 exec .venv/bin/python -m pipeline.cli -v \
   --set train.init_from=models/stage7/init_stage6_4000.pt --set train.steps=6000 --set train.time_limit_min=null \
   --set train.schedule=constant --set train.crop=256 --set train.batch_size=4 --set train.lr=0.0001 \

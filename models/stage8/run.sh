@@ -5,11 +5,14 @@
 # before. From the shipped checkpoint (stage 6 at step 4,000), constant 1e-4 (warmup 100), stage 7's mix,
 # seed and shape (256² × 4, bf16, 1 thread), so stage 8 at step N is read against stage 7 at step N.
 # Candidates, fixed before the run was scored: each 1,000-step checkpoint and the average of those so far.
+# Step 2,000 ships (models/scarnet.pt; the card's Choosing what ships). Paused at step 2,250 after 5,021 s
+# (1 run, beside stage 9 and the suite; stopped by a SIGTERM right after the state at 2,250 was written, by
+# code from before a signal paused runs itself, so the log has no pause record and repeats nothing).
 # Resume after a stop: RESUME=--resume bash models/stage8/run.sh (THREADS=2 on an idle box;
 # EXTRA="--set train.max_steps_this_run=N" stops after N steps with the state saved)
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD
-[ -f models/stage8/init_stage6_4000.pt ] || cp models/scarnet.pt models/stage8/init_stage6_4000.pt
+[ -f models/stage8/init_stage6_4000.pt ] || git show fc8559f:models/scarnet.pt > models/stage8/init_stage6_4000.pt  # stage 6 at step 4,000
 exec .venv/bin/python -m pipeline.cli -v \
   --set train.init_from=models/stage8/init_stage6_4000.pt --set train.steps=6000 --set train.time_limit_min=null \
   --set train.schedule=constant --set train.crop=256 --set train.batch_size=4 --set train.lr=0.0001 \
