@@ -5,9 +5,9 @@
 # before. From the shipped checkpoint (stage 6 at step 4,000), constant 1e-4 (warmup 100), stage 7's mix,
 # seed and shape (256² × 4, bf16, 1 thread), so stage 8 at step N is read against stage 7 at step N.
 # Candidates, fixed before the run was scored: each 1,000-step checkpoint and the average of those so far.
-# Step 2,000 ships (models/scarnet.pt; the card's Choosing what ships). Paused at step 2,250 after 5,021 s
-# (1 run, beside stage 9 and the suite; stopped by a SIGTERM right after the state at 2,250 was written, by
-# code from before a signal paused runs itself, so the log has no pause record and repeats nothing).
+# Step 2,000 ships (models/scarnet.pt; the card's Choosing what ships). Stopped at 2,250 (5,021 s) and at
+# 3,500 (6,669 s, 2 runs), each time by a SIGTERM right after the state was written, by code from before a
+# signal paused runs itself: the log has no pause records (a resume record at 2,250) and repeats no step.
 # Resume after a stop: RESUME=--resume bash models/stage8/run.sh (THREADS=2 on an idle box;
 # EXTRA="--set train.max_steps_this_run=N" stops after N steps with the state saved)
 cd "$(dirname "$0")/../.."
