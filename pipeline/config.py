@@ -201,6 +201,12 @@ class ReportSettings(_Section):
     list_limit: int = Field(default=50, ge=1)  # rows of each case list (overdue, alerts, new cases) before "… more"
 
 
+#: The sets ``train.footprints`` accepts: pipeline.model.data.FOOTPRINT_SETS, which has the readers. Not
+#: imported from there: that module pulls in scipy (0.5 s on every command), and it must not need pydantic
+#: (the GPU trainer); tests/test_train.py keeps the two equal.
+FOOTPRINT_SETS = ("xbd-joplin",)
+
+
 class TrainSettings(_Section):
     """Training the change network (``scarwatch train``; see pipeline/model/train.py)."""
 
@@ -253,10 +259,9 @@ class TrainSettings(_Section):
     @field_validator("footprints")
     @classmethod
     def _footprint_shares(cls, v: dict[str, float]) -> dict[str, float]:
-        known = ("xbd-joplin",)  # pipeline.model.data.FOOTPRINT_SETS (not imported here: it needs the model stack)
-        unknown = sorted(set(v) - set(known))
+        unknown = sorted(set(v) - set(FOOTPRINT_SETS))
         if unknown:
-            raise ValueError(f"unknown footprint sets {unknown!r}; known: {list(known)!r}")
+            raise ValueError(f"unknown footprint sets {unknown!r}; known: {list(FOOTPRINT_SETS)!r}")
         if any(s < 0 for s in v.values()) or sum(v.values()) >= 1:
             raise ValueError(f"footprint shares {v!r} must be >= 0 and sum to less than 1 (the rest is Santa Rosa)")
         return v

@@ -211,6 +211,13 @@ def test_train_settings_validate() -> None:
         TrainSettings(footprints={"xbd-joplin": 1.0})
 
 
+def test_the_settings_accept_the_footprint_sets_the_readers_have() -> None:
+    from pipeline import config
+    from pipeline.model import data
+
+    assert config.FOOTPRINT_SETS == data.FOOTPRINT_SETS
+
+
 def test_consecutive_ids_close_the_gaps_and_keep_the_background() -> None:
     inst = np.array([[0, 3, 3, 9], [5, 5, 0, 9]])
     out = consecutive_ids(inst)

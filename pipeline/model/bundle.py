@@ -224,6 +224,14 @@ def _tile_arrays(tile: SantaRosaTile) -> dict[str, np.ndarray]:
     return {"valid": tile.valid, "change": tile.change, "instances": tile.instances.astype(np.uint16)}
 
 
+def _tile(
+    tile_id: str, cluster: int, pre: np.ndarray, post: np.ndarray, arrays: dict[str, np.ndarray]
+) -> SantaRosaTile:
+    """A tile from its images and the arrays :func:`_tile_arrays` stored (the boxes are derived again)."""
+    inst = arrays["instances"].astype(np.int32)
+    return SantaRosaTile(tile_id, cluster, pre, post, arrays["valid"], arrays["change"], inst, instance_boxes(inst))
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The bundle's ``manifest.json``.
 
@@ -256,11 +264,7 @@ def read_bundle(folder: str | Path) -> TrainingData:
     tiles = []
     for entry in manifest["tiles"]:
         (pre, post), arrays = _read_item(root, entry["stem"], ext)
-        inst = arrays["instances"].astype(np.int32)
-        boxes = instance_boxes(inst)
-        tiles.append(
-            SantaRosaTile(entry["id"], int(entry["cluster"]), pre, post, arrays["valid"], arrays["change"], inst, boxes)
-        )
+        tiles.append(_tile(entry["id"], int(entry["cluster"]), pre, post, arrays))
     pairs: dict[str, list[RealPair]] = {}
     for name, entries in manifest["pairs"].items():
         pairs[name] = []
@@ -274,11 +278,7 @@ def read_bundle(folder: str | Path) -> TrainingData:
         footprints[name] = []
         for entry in entries:
             (image,), arrays = _read_item(root, entry["stem"], ext, n=1)
-            inst = arrays["instances"].astype(np.int32)
-            boxes = instance_boxes(inst)
-            footprints[name].append(
-                SantaRosaTile(entry["id"], -1, image, image, arrays["valid"], arrays["change"], inst, boxes)
-            )
+            footprints[name].append(_tile(entry["id"], -1, image, image, arrays))  # one date: post is pre
     quick: dict[str, list[QuickItem]] = {}
     for name, entries in manifest["quick"].items():
         quick[name] = []

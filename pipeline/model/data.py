@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -87,6 +88,28 @@ def instance_boxes(instances: np.ndarray) -> list[tuple[int, int, int, int]]:
     return [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndimage.find_objects(instances) if s is not None]
 
 
+def footprint_instances(
+    polygons: Iterable[Any], shape: tuple[int, int], transform: Any
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Rasterise footprint polygons into an instance map (ids 1..n, :func:`consecutive_ids`) and its boxes.
+
+    Args:
+        polygons: footprint geometries (None and empty ones are skipped), in the coordinates of ``transform``.
+        shape: the map's (h, w).
+        transform: pixel → polygon coordinates (an affine.Affine).
+    """
+    from rasterio import features
+
+    shapes = [(g, i + 1) for i, g in enumerate(polygons) if g is not None and not g.is_empty]
+    inst = (
+        features.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="int32")
+        if shapes
+        else np.zeros(shape, np.int32)
+    )
+    inst = consecutive_ids(inst)
+    return inst, instance_boxes(inst)
+
+
 def _read_rgb(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import rasterio
 
@@ -112,7 +135,6 @@ def load_santa_rosa(root: Path, ids: list[str] | None = None) -> list[SantaRosaT
     import geopandas as gpd
     import pandas as pd
     import rasterio
-    from rasterio import features
 
     table = root / "tiles.csv"
     if not table.is_file():
@@ -133,14 +155,7 @@ def load_santa_rosa(root: Path, ids: list[str] | None = None) -> list[SantaRosaT
         pre, post, change = pre[:, :h, :w], post[:, :h, :w], change[:h, :w]
         valid = m_pre[:h, :w] & m_post[:h, :w]
         gdf = gpd.read_file(root / "buildings" / f"{tid}.geojson").to_crs(crs)
-        shapes = [(g, i + 1) for i, g in enumerate(gdf.geometry) if g is not None and not g.is_empty]
-        inst = (
-            features.rasterize(shapes, out_shape=(h, w), transform=transform, fill=0, dtype="int32")
-            if shapes
-            else np.zeros((h, w), np.int32)
-        )
-        inst = consecutive_ids(inst)
-        boxes = instance_boxes(inst)
+        inst, boxes = footprint_instances(gdf.geometry, (h, w), transform)
         tiles.append(SantaRosaTile(tid, int(row["cluster_id"]), pre, post, valid, change, inst, boxes))
     if not tiles:
         raise InputError(f"{root}: no tiles read; check tiles.csv and the ids asked for")
@@ -306,7 +321,6 @@ def load_footprint_images(root: Path) -> list[SantaRosaTile]:
         InputError: a label file is not xBD JSON.
     """
     from affine import Affine
-    from rasterio import features
     from shapely import wkt
 
     if root.name not in FOOTPRINT_SETS:
@@ -330,14 +344,7 @@ def load_footprint_images(root: Path) -> list[SantaRosaTile]:
         img = resample_to(img, shape)
         # the polygons are in source pixels; one output pixel spans NATIVE / gsd of them
         transform = Affine.scale(NATIVE_GSD_M / gsd)
-        shapes = [(g, i + 1) for i, g in enumerate(polys) if not g.is_empty]
-        inst = (
-            features.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="int32")
-            if shapes
-            else np.zeros(shape, np.int32)
-        )
-        inst = consecutive_ids(inst)
-        boxes = instance_boxes(inst)
+        inst, boxes = footprint_instances(polys, shape, transform)
         valid = img.max(axis=0) > 0  # xBD's black fill
         tiles.append(SantaRosaTile(path.stem, -1, img, img, valid, np.zeros(shape, bool), inst, boxes))
     log.info("read %d footprint images (%d buildings) from %s", len(tiles), sum(len(t.boxes) for t in tiles), root)

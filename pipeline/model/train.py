@@ -609,12 +609,11 @@ def train(
             prefetch.close()
         wall = time.monotonic() - start
         finished = progress >= 1.0
-        if stop.received is None:
-            val = quick(module, device)
-            record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **val})
-            save(out_path, steps=step, wall_s=round(wall_before + wall, 1), quick_val=val, finished=finished)
-        else:  # stopped by a signal: save at once, without the quick validation
-            save(out_path, steps=step, wall_s=round(wall_before + wall, 1), finished=finished)
+        scored: dict[str, Any] = {}
+        if stop.received is None:  # stopped by a signal: save at once, without the quick validation
+            scored["quick_val"] = quick(module, device)
+            record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **scored["quick_val"]})
+        save(out_path, steps=step, wall_s=round(wall_before + wall, 1), finished=finished, **scored)
         save_state()
         final = float(np.mean(losses)) if losses else float("nan")
         record(
