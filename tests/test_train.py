@@ -93,7 +93,7 @@ def test_training_resolves_devices_as_everything_else() -> None:
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("source", ["santa", "erase", "paste", "nochange", "shadow"])
+@pytest.mark.parametrize("source", ["santa", "erase", "paste", "nochange", "shadow", "block"])
 def test_sampler_sources(source: str) -> None:
     sampler = TrainingSampler([fake_tile(0), fake_tile(1)], {source: 1.0}, np.random.default_rng(0))
     images, labels, weight = sampler.batch(3, 64)
@@ -176,6 +176,33 @@ def test_shadow_pairs_differ_only_by_darker_ground_beside_the_buildings() -> Non
         assert not (darker & roofs).any()
         changed += int(darker.sum() > 0)
     assert changed >= 6  # most pairs show shadows of another sun
+
+
+def test_block_pairs_replace_a_region_by_open_ground_and_label_its_whole_footprints() -> None:
+    built, empty = _single_date_tile(ground=120), _single_date_tile(ground=8)
+    empty.instances[:], empty.pre[:], empty.boxes = 0, 8, []  # open ground, no roofs
+    sampler = TrainingSampler([built, empty], {"block": 1.0}, np.random.default_rng(6))
+    directions, labelled, exact = set(), 0, 0
+    for _ in range(24):
+        images, labels, weight = sampler._block(64)  # before the shared augmentation, to compare pixels
+        assert not (labels[0] & labels[1]).any()
+        k = 0 if labels[0].any() else 1
+        later, earlier = (images[1], images[0]) if k == 0 else (images[0], images[1])  # built, open ground
+        lab = labels[k] > 0
+        roofs = later.min(axis=0) >= 229
+        assert not (lab & ~roofs).any()  # only footprints are labelled ...
+        comps, n = ndimage.label(roofs)
+        for c in range(1, n + 1):  # ... each wholly or not at all
+            assert lab[comps == c].all() or not lab[comps == c].any()
+        if lab.any():
+            labelled += 1
+            directions.add(k)
+            # where the block is new the earlier epoch is open ground (unless ignored: a building of the
+            # ground crop, here when that crop came from the built tile itself)
+            assert (earlier[:, lab & weight] < 200).all()
+            assert (earlier[:, ~ndimage.binary_dilation(lab | ~roofs, iterations=4) & roofs] >= 200).all()
+            exact += int(weight[lab].all())  # edges included: the outlines are exact
+    assert labelled >= 12 and exact >= 6 and directions == {0, 1}
 
 
 def test_sampler_rejects_unknown_source() -> None:

@@ -113,8 +113,8 @@ class TrainingSampler:
 
     Args:
         tiles: the Santa Rosa training tiles.
-        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``shadow``, ``synth``
-            and one per entry of ``pairs`` (``whu``, ``joplin``).
+        weights: source name → weight; names: ``santa``, ``erase``, ``paste``, ``nochange``, ``shadow``,
+            ``block``, ``synth`` and one per entry of ``pairs`` (``whu``, ``joplin``).
         rng: the random generator (seeded by the caller).
         pairs: other labelled real pairs by source name, at the native pixel size.
         max_shift: largest shift, in pixels, between the two epochs.
@@ -122,8 +122,8 @@ class TrainingSampler:
         coarsen_p: share of samples coarsened to a pixel of ``coarsen_range`` metres (:func:`coarsen`).
         coarsen_range: delivery pixel sizes simulated, metres.
         footprints: single-date footprint tiles by set (:func:`pipeline.model.data.load_footprint_images`)
-            with the share of the ``erase``, ``paste``, ``nochange`` and ``shadow`` draws taken from each set; the rest
-            come from the Santa Rosa tiles.
+            with the share of the ``erase``, ``paste``, ``nochange``, ``shadow`` and ``block`` draws taken from
+            each set; the rest come from the Santa Rosa tiles.
         synth_pairs: pre-rendered demo-town pairs ``(images uint8 (2, c, s, s), labels (2, s, s))`` the
             ``synth`` source crops from (centred on change 75 % of the time); None renders a new pair per
             sample with :func:`pipeline.synth.training.training_pair` (which needs rasterio).
@@ -171,6 +171,7 @@ class TrainingSampler:
             "paste": self._paste,
             "nochange": self._nochange,
             "shadow": self._shadow,
+            "block": self._block,
             "synth": self._synth_pair,
         }
         for name in self.pairs:
@@ -374,22 +375,74 @@ class TrainingSampler:
             return np.stack([erased, orig]), np.stack([lab, zero]), weight
         return np.stack([orig, erased]), np.stack([zero, lab]), weight
 
-    def _paste(self, size: int) -> Sample:
-        """Paste 1-6 real building instances, with a cast shadow, onto ground of another crop."""
-        rng = self.rng
-        # target: the emptiest of a few random crops
+    def _emptiest_crop(self, size: int) -> tuple[SantaRosaTile, int, int]:
+        """The emptiest of four random single-date crops (fewest footprint and invalid pixels): ground."""
         best = None
         for _ in range(4):
             tile = self._single_date_tile()
             h, w = tile.valid.shape
-            y, x = _crop_origin(h, w, size, rng)
+            y, x = _crop_origin(h, w, size, self.rng)
             occ = (tile.instances[y : y + size, x : x + size] > 0).mean() + (
                 1 - tile.valid[y : y + size, x : x + size].mean()
             )
             if best is None or occ < best[0]:
                 best = (occ, tile, y, x)
         assert best is not None
-        _, tile, y, x = best
+        return best[1], best[2], best[3]
+
+    def _block(self, size: int) -> Sample:
+        """A whole block built on open ground: a region of a built-up crop replaced by ground from elsewhere.
+
+        New construction in a growing city comes a subdivision at a time (LEVIR-CD's Texas suburbs, WHU-CD's
+        Christchurch): the earlier epoch shows fields, scrub or soil where the later one shows rows of houses,
+        their drives and streets, with no standing building beside them to compare with. Erasing and
+        copy-paste change single footprints inside an unchanged neighbourhood; here 40-100 % of a crop (the
+        whole crop a third of the time; otherwise the side of a wavy line) is replaced by the emptiest of four
+        random crops. Footprints lie wholly inside or outside the region (each goes with the side that holds
+        most of it), and the label is the footprints inside, edges included: the later epoch is the original
+        image, so its outlines are exact. Buildings of the ground crop inside the region are not labelled
+        but ignored (on a burnt Santa Rosa image they are rubble). A random direction: half the pairs are
+        the block removed.
+        """
+        rng = self.rng
+        tile, y, x = self._building_crop(size)
+        img = tile.pre[:, y : y + size, x : x + size].astype(np.float32)
+        inst = tile.instances[y : y + size, x : x + size]
+        valid = tile.valid[y : y + size, x : x + size]
+        gtile, gy, gx = self._emptiest_crop(size)
+        ground = (gtile.post if rng.random() < 0.5 else gtile.pre)[:, gy : gy + size, gx : gx + size].astype(np.float32)
+        gfoot = gtile.instances[gy : gy + size, gx : gx + size] > 0
+        gvalid = gtile.valid[gy : gy + size, gx : gx + size]
+        if rng.random() < 1 / 3:
+            region = np.ones((size, size), bool)
+        else:  # the side of a line at a random angle, made wavy, covering a random share of the crop
+            theta = rng.uniform(0, 2 * np.pi)
+            yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+            dist = yy * np.sin(theta) + xx * np.cos(theta)
+            wobble = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)).astype(np.float32), size / 8)
+            dist += wobble / (np.abs(wobble).max() + 1e-6) * size / 12
+            region = dist <= np.quantile(dist, rng.uniform(0.4, 1.0))
+        ids = np.unique(inst[inst > 0])
+        share = ndimage.mean(region, labels=inst, index=ids) if len(ids) else np.zeros(0)
+        inside = np.isin(inst, ids[np.asarray(share) >= 0.5])
+        outside = (inst > 0) & ~inside
+        region = (region | ndimage.binary_dilation(inside, iterations=3)) & ~ndimage.binary_dilation(
+            outside, iterations=2
+        )
+        alpha = ndimage.gaussian_filter(region.astype(np.float32), 1.5)
+        built = np.clip(img, 0, 255).astype(np.uint8)
+        open_ground = np.clip(img * (1 - alpha) + ground * alpha, 0, 255).astype(np.uint8)
+        weight = valid & (gvalid | (alpha < 0.05)) & ~(ndimage.binary_dilation(gfoot, iterations=2) & (alpha > 0.05))
+        lab = inside.astype(np.uint8)
+        zero = np.zeros_like(lab)
+        if rng.random() < 0.5:  # open ground -> built: the block is new
+            return np.stack([open_ground, built]), np.stack([lab, zero]), weight
+        return np.stack([built, open_ground]), np.stack([zero, lab]), weight
+
+    def _paste(self, size: int) -> Sample:
+        """Paste 1-6 real building instances, with a cast shadow, onto ground of another crop."""
+        rng = self.rng
+        tile, y, x = self._emptiest_crop(size)
         base_img = tile.post if rng.random() < 0.5 else tile.pre
         ground = base_img[:, y : y + size, x : x + size].astype(np.float32)
         occupied = ndimage.binary_dilation(tile.instances[y : y + size, x : x + size] > 0, iterations=3)
