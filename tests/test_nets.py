@@ -79,6 +79,28 @@ class TestScarNet(BaseNetTest):
             out, swapped = net(x), net(x.flip(1))
         torch.testing.assert_close(out[:, 1], swapped[:, 0])
 
+    def test_a_grown_network_computes_what_the_smaller_one_did_and_then_learns(self) -> None:
+        small = self.build()
+        for m in small.modules():  # trained-looking BatchNorm, so the test sees the statistics move over
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+        torch.manual_seed(1)
+        big = create_model("scarnet", widths=(6, 8, 12, 24, 32)).eval()
+        big.grow_from(small)
+        x = torch.rand(2, 2, 3, 32, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(big(x), small(x), atol=1e-5, rtol=1e-5)
+        assert sum(p.numel() for p in big.parameters()) > 2 * sum(p.numel() for p in small.parameters())
+        # the new channels are live: one step moves the zero weights the old channels read from them
+        big.train()
+        big(x).sum().backward()
+        grad = big.fuse[4].proj[0].weight.grad
+        assert grad is not None and grad[:16, 16:32].abs().sum() > 0  # old outputs <- new channels of a
+        with pytest.raises(ValueError, match="at least the old one"):
+            self.build().grow_from(big)
+
 
 class TestFCSiamDiff(BaseNetTest):
     arch = "fc_siam_diff"

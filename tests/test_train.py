@@ -498,3 +498,30 @@ def test_the_train_command_says_when_it_paused(fake_shared: Path, tmp_path: Path
     resume = [*args, "--set", "train.max_steps_this_run=null", "train", "--out", str(out), "--resume"]
     res = CliRunner().invoke(cli, resume)
     assert res.exit_code == 0 and f"trained scarnet for 6 steps -> {out}" in res.output
+
+
+def test_training_grows_a_narrower_checkpoint_and_refuses_a_wider_one(
+    fake_shared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from pipeline.model.train import train
+
+    small = tmp_path / "small" / "net.pt"
+    train(_fake_train_settings(tmp_path / "small", steps=2), small, data=fake_shared)
+    wide = {"widths": [4, 8, 8, 16, 16]}
+    with caplog.at_level(logging.INFO, logger="pipeline.model.train"):
+        grown = train(
+            _fake_train_settings(tmp_path / "big", steps=2, init_from=small, arch_kwargs=wide),
+            tmp_path / "big" / "net.pt",
+            data=fake_shared,
+        )
+    assert grown.steps == 2 and "grew" in caplog.text and "[4, 4, 8, 8, 8] to [4, 8, 8, 16, 16]" in caplog.text
+    big = torch.load(tmp_path / "big" / "net.pt", weights_only=True)
+    assert big["kwargs"]["widths"] == [4, 8, 8, 16, 16] and big["state_dict"]["head.weight"].shape == (1, 4, 1, 1)
+    with pytest.raises(ModelError, match="at least the checkpoint's"):
+        train(
+            _fake_train_settings(tmp_path / "narrow", steps=2, init_from=tmp_path / "big" / "net.pt"),
+            tmp_path / "narrow" / "net.pt",
+            data=fake_shared,
+        )

@@ -369,6 +369,31 @@ def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
     return state
 
 
+def load_initial(module: torch.nn.Module, init: torch.nn.Module, path: Path) -> None:
+    """Start ``module`` from ``init``'s weights: the same shape, or grown from a narrower network.
+
+    Raises:
+        ModelError: the shapes differ and ``module`` cannot grow from ``init``.
+    """
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if shapes == {k: tuple(v.shape) for k, v in init.state_dict().items()}:
+        module.load_state_dict(init.state_dict())
+        return
+    grow = getattr(module, "grow_from", None)
+    if grow is None or type(init) is not type(module):
+        raise ModelError(
+            f"{path}: its weights do not fit the network train.arch and train.arch_kwargs build; "
+            "set train.arch_kwargs to the checkpoint's or start from another checkpoint"
+        )
+    try:
+        grow(init)
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}; set train.arch_kwargs.widths to at least the checkpoint's") from exc
+    log.info(
+        "grew %s from widths %s to %s", path, list(getattr(init, "widths", ())), list(getattr(module, "widths", ()))
+    )
+
+
 def load_training_data(settings: TrainSettings, data: Path) -> TrainingData:
     """Read what :func:`train` trains on from the shared data folder (``paths.shared``).
 
@@ -473,7 +498,7 @@ def train(
                 f"{settings.init_from}: holds {init.arch!r}, not {settings.arch!r}; set train.init_from to a "
                 f"{settings.arch!r} checkpoint"
             )
-        module.load_state_dict(init.module.state_dict())
+        load_initial(module, init.module, settings.init_from)
     if saved is not None:
         module.load_state_dict(saved["model"])
     module = module.to(device).to(memory_format=torch.channels_last)

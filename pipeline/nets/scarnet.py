@@ -61,6 +61,7 @@ class ScarNet(nn.Module):
         if len(widths) != 5:
             raise ValueError(f"widths {widths!r} must list 5 channel counts (strides 1, 2, 4, 8, 16)")
         self.in_channels = in_channels
+        self.widths = tuple(int(c) for c in widths)
         w = list(widths)
         stages: list[nn.Module] = [nn.Sequential(conv_bn_relu(in_channels, w[0]), conv_bn_relu(w[0], w[0]))]
         for i in range(1, 5):
@@ -70,6 +71,59 @@ class ScarNet(nn.Module):
         self.up = nn.ModuleList(_Up(w[i + 1] if i == 3 else w[i + 1], w[i], w[i]) for i in reversed(range(4)))
         self.drop = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(w[0], 1, 1)
+
+    def _conv_inputs(self) -> dict[str, list[int]]:
+        """Each convolution's input as the channel groups it concatenates, in order (by module name)."""
+        w, groups = self.widths, {"encoder.0.0.0": [self.in_channels], "encoder.0.1.0": [self.widths[0]]}
+        for i in range(1, 5):
+            groups[f"encoder.{i}.0.0"], groups[f"encoder.{i}.1.0"] = [w[i - 1]], [w[i]]
+        for i in range(5):
+            groups[f"fuse.{i}.proj.0"] = [w[i]] * 3  # a, b, |a - b|
+        for j, i in enumerate(reversed(range(4))):
+            groups[f"up.{j}.conv.0"] = [w[i + 1], w[i]]  # upsampled, skip
+        groups["head"] = [w[0]]
+        return groups
+
+    @torch.no_grad()
+    def grow_from(self, smaller: ScarNet) -> None:
+        """Load a narrower ScarNet's weights so that this network computes exactly what it computes.
+
+        Growing a trained network keeps what it has learned, where training a wider one from scratch
+        would start over (the shipped checkpoint holds hundreds of CPU-minutes). Every old channel keeps
+        its weights and BatchNorm; the new channels start from this network's random initialisation, and
+        every old channel reads zero weight from every new one, so in eval mode the output is the smaller
+        network's (to float rounding: other convolution shapes sum in another order); training then grows
+        the zero weights. (The zero-initialised
+        expansion of Net2Net, Chen et al. 2016; written here because it depends on how each layer
+        concatenates its inputs, which only this class knows.)
+
+        Raises:
+            ValueError: ``smaller`` has other bands or is wider somewhere.
+        """
+        if smaller.in_channels != self.in_channels or any(
+            a > b for a, b in zip(smaller.widths, self.widths, strict=True)
+        ):
+            raise ValueError(
+                f"cannot grow widths {list(self.widths)} ({self.in_channels} bands) from "
+                f"{list(smaller.widths)} ({smaller.in_channels} bands): every width must be at least the old one"
+            )
+        old_groups, new_groups = smaller._conv_inputs(), self._conv_inputs()
+        state = self.state_dict()
+        for name, old in smaller.state_dict().items():
+            new = state[name]
+            if new.ndim == 4:  # a convolution (out, in, k, k): place each input group at its new offset
+                conv = name.rsplit(".", 1)[0]
+                n_out = old.shape[0]
+                new[:n_out] = 0
+                src = dst = 0
+                for a, b in zip(old_groups[conv], new_groups[conv], strict=True):
+                    new[:n_out, dst : dst + a] = old[:, src : src + a]
+                    src, dst = src + a, dst + b
+            elif new.ndim == 0:  # BatchNorm's batch counter
+                new.copy_(old)
+            else:  # BatchNorm weights and statistics, the head's bias
+                new[: old.shape[0]] = old
+        self.load_state_dict(state)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
