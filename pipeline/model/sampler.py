@@ -430,7 +430,7 @@ class TrainingSampler:
             outside, iterations=2
         )
         alpha = ndimage.gaussian_filter(region.astype(np.float32), 1.5)
-        built = np.clip(img, 0, 255).astype(np.uint8)
+        built = tile.pre[:, y : y + size, x : x + size]
         open_ground = np.clip(img * (1 - alpha) + ground * alpha, 0, 255).astype(np.uint8)
         weight = valid & (gvalid | (alpha < 0.05)) & ~(ndimage.binary_dilation(gfoot, iterations=2) & (alpha > 0.05))
         lab = inside.astype(np.uint8)

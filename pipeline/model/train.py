@@ -635,7 +635,7 @@ def train(
         wall = time.monotonic() - start
         finished = progress >= 1.0
         scored: dict[str, Any] = {}
-        if stop.received is None:  # stopped by a signal: save at once, without the quick validation
+        if stop.received is None:  # a run stopped by a signal saves at once, without the quick validation
             scored["quick_val"] = quick(module, device)
             record({"event": "val", "step": step, "elapsed_s": round(wall, 1), **scored["quick_val"]})
         save(out_path, steps=step, wall_s=round(wall_before + wall, 1), finished=finished, **scored)

@@ -74,7 +74,8 @@ class ScarNet(nn.Module):
 
     def _conv_inputs(self) -> dict[str, list[int]]:
         """Each convolution's input as the channel groups it concatenates, in order (by module name)."""
-        w, groups = self.widths, {"encoder.0.0.0": [self.in_channels], "encoder.0.1.0": [self.widths[0]]}
+        w = self.widths
+        groups = {"encoder.0.0.0": [self.in_channels], "encoder.0.1.0": [w[0]]}
         for i in range(1, 5):
             groups[f"encoder.{i}.0.0"], groups[f"encoder.{i}.1.0"] = [w[i - 1]], [w[i]]
         for i in range(5):
@@ -86,16 +87,15 @@ class ScarNet(nn.Module):
 
     @torch.no_grad()
     def grow_from(self, smaller: ScarNet) -> None:
-        """Load a narrower ScarNet's weights so that this network computes exactly what it computes.
+        """Load a narrower ScarNet's weights so that this network computes what the narrower one does.
 
         Growing a trained network keeps what it has learned, where training a wider one from scratch
         would start over (the shipped checkpoint holds hundreds of CPU-minutes). Every old channel keeps
         its weights and BatchNorm; the new channels start from this network's random initialisation, and
         every old channel reads zero weight from every new one, so in eval mode the output is the smaller
         network's (to float rounding: other convolution shapes sum in another order); training then grows
-        the zero weights. (The zero-initialised
-        expansion of Net2Net, Chen et al. 2016; written here because it depends on how each layer
-        concatenates its inputs, which only this class knows.)
+        the zero weights. (The zero-initialised expansion of Net2Net, Chen et al. 2016; written here
+        because it depends on how each layer concatenates its inputs, which only this class knows.)
 
         Raises:
             ValueError: ``smaller`` has other bands or is wider somewhere.
