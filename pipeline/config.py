@@ -236,7 +236,7 @@ class TrainSettings(_Section):
         }
     )
     coarsen_p: float = Field(0.3, ge=0, le=1)  # share of samples coarsened to a 0.6-2 m delivery
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 autocast on CPU (AMX) and on CUDA
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     val_fraction: float = Field(0.2, gt=0, lt=1)  # Santa Rosa share held out by cluster (evaluate uses it too)
     split_seed: int = 0
     log_every: int = Field(50, ge=1)

@@ -269,6 +269,18 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
     assert not cpu_has_native_bf16(tmp_path / "absent")  # no /proc (another OS): fp32
 
 
+def test_cpu_name_says_the_model_and_its_bf16(tmp_path: Path) -> None:
+    from pipeline.nets.device import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2\n")
+    assert cpu_name(info) == "AMD EPYC (no native bf16)"
+    info2 = tmp_path / "cpuinfo2"
+    info2.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx512f amx_bf16\n")
+    assert cpu_name(info2) == "Intel(R) Xeon(R) Processor (native bf16)"
+    assert cpu_name(tmp_path / "absent").endswith("(no native bf16)")  # the machine type stands in for the name
+
+
 def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.nets import device
 
@@ -278,6 +290,20 @@ def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     assert device.cpu_precision("auto") == "fp32" and device.inference_dtype(cpu, "auto") is None
     assert device.cpu_precision("bf16") == "bf16" and device.cpu_precision("fp32") == "fp32"  # explicit wins
+
+
+def test_training_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.model import train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)  # AVX2 only: bf16 would be emulated, 8x slower
+    assert train.autocast_dtype("auto", cpu) is None
+    assert train.autocast_dtype("bf16", cpu) is torch.bfloat16  # asked for, it is what it gets
+    assert train.autocast_dtype("off", cpu) is None
+    with pytest.raises(ModelError, match="fp16"):
+        train.autocast_dtype("fp16", cpu)
 
 
 def test_predict_runs_at_the_models_precision(saved: Path) -> None:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import queue
 import random
 import signal
@@ -57,7 +56,7 @@ from pipeline.model.sampler import TrainingSampler
 from pipeline.nets import create_model
 from pipeline.nets.blocks import pad_to_multiple
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
-from pipeline.nets.device import resolve_device
+from pipeline.nets.device import cpu_has_native_bf16, cpu_name, resolve_device
 
 if TYPE_CHECKING:
     from pipeline.config import TrainSettings
@@ -259,8 +258,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     pays twice on the CPU while training (AMX) and the calibration that follows is measured at the
     inference precision, so what ships is scored as detect runs it.
 
-    ``auto`` is bf16 on both CPU (AMX: about 2× the fp32 step here, ``benchmarks``) and CUDA; ``fp16``
-    needs CUDA and a gradient scaler.
+    ``auto`` is bf16 on CUDA and on a CPU with bf16 instructions (AMX: about 2× the fp32 step,
+    ``benchmarks/bench_train_precision.py``), else full precision: a CPU without them (AVX2 only) emulates
+    bf16, and a 256² × 4 step of the shipped network took 8× the fp32 one there. ``bf16`` asks for it
+    whatever the CPU; ``fp16`` needs CUDA and a gradient scaler.
     """
     if amp == "off":
         return None
@@ -268,6 +269,8 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             raise ModelError("train.amp is 'fp16' but training runs on the CPU; use bf16, auto or off")
         return torch.float16
+    if amp == "auto" and device.type == "cpu" and not cpu_has_native_bf16():
+        return None
     return torch.bfloat16
 
 
@@ -578,7 +581,7 @@ def train(
                 "arch": settings.arch,
                 "parameters": n_params,
                 "device": str(device),
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                 "threads": torch.get_num_threads(),
                 "amp": str(amp_dtype),
                 "out": str(out_path),

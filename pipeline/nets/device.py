@@ -6,7 +6,7 @@ the same device and fails with the same message everywhere.
 
 Inference precision (:func:`autocast`, the ``detect.precision`` setting): on CUDA, autocast to bfloat16
 where the GPU has native bf16 (compute capability 8.0 and later), else float16, whatever the setting
-(bf16 is what ``train.amp: auto`` trains under, so the calibrated thresholds were found at that
+(bf16 is what ``train.amp: auto`` trains under there, so the calibrated thresholds were found at that
 precision). On the CPU, ``fp32`` runs float32 without autocast (exact and reproducible); ``bf16``
 autocasts to bfloat16; ``auto`` (the default) is ``bf16`` where the CPU has bf16 instructions
 (:func:`cpu_has_native_bf16`: AVX512-BF16 or AMX), else ``fp32``, since a CPU without them emulates
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,24 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
         if line.startswith("flags"):
             return bool(NATIVE_BF16_FLAGS & set(line.partition(":")[2].split()))
     return False
+
+
+@functools.cache
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and whether it has native bf16, for logs: ``"AMD EPYC (no native bf16)"``.
+
+    ``platform.processor()`` is empty on Linux, so the name is read from the kernel's CPU description
+    (the machine type where it can't be read).
+    """
+    name = platform.machine()
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip() or name
+                break
+    except OSError:
+        pass
+    return f"{name} ({'native' if cpu_has_native_bf16(cpuinfo) else 'no native'} bf16)"
 
 
 def cpu_precision(precision: Precision) -> Literal["fp32", "bf16"]:
