@@ -255,6 +255,9 @@ class TrainSettings(_Section):
     # of the erasing, copy-paste and no-change draws taken from each (the rest from Santa Rosa): more cities
     # and sensors for the pairs made from one date. Known folders: FOOTPRINT_SETS (pipeline/model/data.py)
     footprints: dict[str, float] = Field(default_factory=dict)
+    # also keep a copy of the checkpoint every this many steps, `<out>.step<N>.pt` (None: only the latest
+    # and the best quick validation): a long run's candidates for scoring and averaging outlive it
+    keep_every: int | None = Field(None, ge=1)
 
     @field_validator("footprints")
     @classmethod

@@ -407,15 +407,28 @@ def test_a_stopped_and_resumed_run_equals_one_long_run(fake_shared: Path, tmp_pa
     one = train(_fake_train_settings(tmp_path / "a"), tmp_path / "a" / "net.pt", data=fake_shared)
     assert one.steps == 6
     first = train(
-        _fake_train_settings(tmp_path / "b", max_steps_this_run=4), tmp_path / "b" / "net.pt", data=fake_shared
+        _fake_train_settings(tmp_path / "b", max_steps_this_run=4, keep_every=2),
+        tmp_path / "b" / "net.pt",
+        data=fake_shared,
     )
     assert first.steps == 4 and resume_path(tmp_path / "b" / "net.pt").is_file()
-    second = train(_fake_train_settings(tmp_path / "b"), tmp_path / "b" / "net.pt", data=fake_shared, resume=True)
+    at_4 = torch.load(tmp_path / "b" / "net.pt", weights_only=True)["state_dict"]
+    second = train(
+        _fake_train_settings(tmp_path / "b", keep_every=2), tmp_path / "b" / "net.pt", data=fake_shared, resume=True
+    )
     assert second.steps == 6
     a = torch.load(tmp_path / "a" / "net.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "net.pt", weights_only=True)
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    # keep_every kept each candidate across the pause, as it was at its step; without it, none is kept
+    kept = {p.name: torch.load(p, weights_only=True) for p in sorted((tmp_path / "b").glob("net.step*.pt"))}
+    assert list(kept) == ["net.step00002.pt", "net.step00004.pt", "net.step00006.pt"]
+    assert [c["meta"]["steps"] for c in kept.values()] == [2, 4, 6]
+    assert all(torch.equal(v, kept["net.step00004.pt"]["state_dict"][k]) for k, v in at_4.items())
+    assert all(torch.equal(v, kept["net.step00006.pt"]["state_dict"][k]) for k, v in b["state_dict"].items())
+    assert not all(torch.equal(v, kept["net.step00002.pt"]["state_dict"][k]) for k, v in at_4.items())
+    assert not list((tmp_path / "a").glob("net.step*.pt"))
     assert a["meta"]["native_gsd_m"] == 0.5 and b["meta"]["finished"]
     events = [json.loads(line)["event"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert events[0] == "start" and "pause" in events and "resume" in events and events[-1] == "end"

@@ -102,6 +102,7 @@ class PlainTrainSettings:
     max_steps_this_run: int | None
     schedule: str = "cosine"  # bundles written before the field existed train on the cosine schedule
     footprints: dict[str, float] = dataclasses.field(default_factory=dict)  # older bundles: Santa Rosa only
+    keep_every: int | None = None  # read for equal fields; a GPU run (minutes) keeps its best and its last
 
     @classmethod
     def from_manifest(cls, train: dict[str, Any], **overrides: Any) -> PlainTrainSettings:

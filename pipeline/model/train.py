@@ -354,7 +354,15 @@ def resume_path(out_path: Path) -> Path:
 
 
 #: Settings a resumed run may change (they do not alter the batches or the update rule).
-RESUMABLE_CHANGES = {"time_limit_min", "max_steps_this_run", "threads", "log_every", "val_every", "checkpoint_every"}
+RESUMABLE_CHANGES = {
+    "time_limit_min",
+    "max_steps_this_run",
+    "threads",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "keep_every",
+}
 
 
 def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
@@ -458,6 +466,11 @@ def train_step(
     scaler.step(opt)
     scaler.update()
     return loss.detach()
+
+
+def kept_path(out_path: Path, step: int) -> Path:
+    """Where ``train.keep_every`` keeps the checkpoint of ``step``: ``scarnet.pt`` -> ``scarnet.step04000.pt``."""
+    return out_path.with_name(f"{out_path.stem}.step{step:05d}{out_path.suffix}")
 
 
 def train(
@@ -630,6 +643,8 @@ def train(
                     if best is None or val["score"] > best:
                         best = val["score"]
                         save(best_path, steps=step, quick_val=val)
+                if settings.keep_every is not None and step % settings.keep_every == 0:
+                    save(kept_path(out_path, step), steps=step)
                 if step % settings.checkpoint_every == 0:
                     save(out_path, steps=step)
                     save_state()
