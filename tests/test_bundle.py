@@ -185,7 +185,9 @@ def _gpu_args(bundle: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_gpu_train_runs_on_the_cpu_from_a_bundle(png_bundle: Path, tmp_path: Path) -> None:
+def test_gpu_train_runs_on_the_cpu_from_a_bundle(
+    png_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     tiny = json.dumps(TINY)
     assert main(_gpu_args(png_bundle, out, "--max-steps", "20", "--workers", "1", "--arch-kwargs", tiny)) == 0
@@ -207,6 +209,21 @@ def test_gpu_train_runs_on_the_cpu_from_a_bundle(png_bundle: Path, tmp_path: Pat
     )
     second = ChangeModel.load(again / "scarnet.pt")
     assert second.kwargs == TINY and second.meta["init_from"] == str(out / "scarnet.pt")
+    # with --arch-kwargs beside --init it grows the checkpoint wider, and starts out computing what it did
+    wider = {"widths": [4, 4, 8, 16, 16]}
+    grown = tmp_path / "grown"
+    args = ["--max-steps", "2", "--workers", "0", "--init", str(out / "scarnet.pt")]
+    assert main(_gpu_args(png_bundle, grown, *args, "--arch-kwargs", json.dumps(wider))) == 0
+    assert ChangeModel.load(grown / "scarnet.pt").kwargs == wider
+    start = json.loads((again / "summary.json").read_text())["initial_quick_val"]
+    start_grown = json.loads((grown / "summary.json").read_text())["initial_quick_val"]
+    assert start_grown == pytest.approx(start, abs=1e-3)
+    # and refuses to shrink it, in one line
+    narrower = json.dumps({"widths": [4, 4, 4, 4, 4]})
+    capsys.readouterr()
+    assert main(_gpu_args(png_bundle, tmp_path / "no", *args, "--arch-kwargs", narrower)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out / "scarnet.pt") in err[0] and "widths" in err[0], err
 
 
 def test_gpu_train_needs_an_end(png_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

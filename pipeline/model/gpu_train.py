@@ -5,6 +5,8 @@
     PYTHONUNBUFFERED=1 python3 -m pipeline.model.gpu_train --bundle .bundle --out $OUT --minutes 8
         --init models/scarnet.pt
 
+With ``--arch-kwargs`` beside ``--init`` the network is grown wider from the checkpoint first
+(:func:`~pipeline.model.train.load_initial`), as ``train.init_from`` with wider ``train.arch_kwargs`` does.
 The device machine has torch, numpy, scipy and PIL but neither rasterio nor pydantic, so nothing here
 imports them: the data are a bundle (:mod:`pipeline.model.bundle`, written here by ``scarwatch bundle``),
 the settings a plain :class:`PlainTrainSettings` filled from the bundle manifest (the params.yaml train
@@ -52,6 +54,7 @@ from pipeline.model.train import (
     QuickValidation,
     TrainingData,
     autocast_dtype,
+    load_initial,
     lr_factor,
     seed_everything,
     settings_json,
@@ -275,8 +278,12 @@ def gpu_train(
                 f"{init}: holds {loaded.arch!r} with {loaded.in_channels} bands, the bundle trains "
                 f"{settings.arch!r} with {settings.in_channels}; pass a matching --init"
             )
-        module = loaded.module
-        settings = dataclasses.replace(settings, arch_kwargs=loaded.kwargs)
+        if arch_kwargs is None:  # the checkpoint's own network
+            module = loaded.module
+            settings = dataclasses.replace(settings, arch_kwargs=loaded.kwargs)
+        else:  # a wider network grown from it (ScarNet.grow_from), as train.init_from does
+            module = create_model(settings.arch, in_channels=settings.in_channels, **settings.arch_kwargs)
+            load_initial(module, loaded.module, init)
     else:
         module = create_model(settings.arch, in_channels=settings.in_channels, **settings.arch_kwargs)
     module = module.to(dev).to(memory_format=torch.channels_last)
@@ -488,7 +495,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for scarnet.pt, train_log.jsonl, summary.json")
     p.add_argument("--minutes", type=float, default=None, help="training wall time; the LR has annealed by then")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (the LR anneals by them)")
-    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (same architecture)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint (its network, or with --arch-kwargs one grown wider from it)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch", type=int, default=64, help="samples per step")
     p.add_argument("--crop", type=int, default=384, help="sample side in pixels (a multiple of 16)")
@@ -498,7 +510,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-minutes", type=float, default=3.0, help="quick validation this often (0: only at the end)")
     p.add_argument("--warmup-frac", type=float, default=0.03, help="share of the run the LR warms up over")
     p.add_argument("--log-every", type=int, default=20, help="steps per train log line")
-    p.add_argument("--arch-kwargs", type=json.loads, default=None, help="architecture options as JSON (no --init)")
+    p.add_argument(
+        "--arch-kwargs",
+        type=json.loads,
+        default=None,
+        help="architecture options as JSON (with --init: widths to grow it to)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: the bundle's train.seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: train.threads)")
     return p.parse_args(argv)
