@@ -34,7 +34,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import time
@@ -63,7 +62,7 @@ from pipeline.model.train import (
 )
 from pipeline.nets import create_model
 from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
-from pipeline.nets.device import resolve_device
+from pipeline.nets.device import cpu_name, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ def make_loader(data: TrainingData, settings: PlainTrainSettings, chunk: int, wo
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def gpu_train(
