@@ -13,6 +13,12 @@ How it works:
   ``workers: 0`` starts no thread and reads each batch just before it runs (best on few CPU cores).
 * **Skipping.** A batch none of whose pixels is valid in both epochs is not run through the network
   (its tiles are nodata anyway); the tile stage already drops tiles below ``tile.min_valid``.
+* **Invalid pixels read as unchanged.** Wherever a pixel is not valid in both epochs (one epoch has no
+  sheet there, the co-registration shift left a border strip empty, a cloud mask), the network is given
+  ``curr``'s value in both epochs (:func:`pipeline.nets.blocks.unchanged_where_invalid`). Those pixels
+  come out as nodata anyway; what matters is their valid neighbours: an epoch's missing pixels read as its empty value
+  (black), and black beside real ground reads as a structure appearing or vanishing, which the network's
+  receptive field carries a few pixels into the valid area.
 * **Padding.** Every tile is padded by reflection to the nominal tile size rounded up to a multiple of
   16 (partial edge tiles included), so every batch has one shape and networks with stride 16 fit.
 * **Blending.** Each tile's prediction is weighted by a separable window: ones in the middle, squared
@@ -60,7 +66,7 @@ from pipeline.config import DetectSettings
 from pipeline.errors import ConfigError, CRSMismatchError, InputError, ScarWatchError, first_line
 from pipeline.fileio import atomic_path, remove_stale_temps, temp_name
 from pipeline.formats import PROB_BANDS, PROB_NODATA, encode_probabilities, probability_tags
-from pipeline.nets.blocks import STRIDE, pad_to_multiple, padded_size
+from pipeline.nets.blocks import STRIDE, pad_to_multiple, padded_size, unchanged_where_invalid
 from pipeline.predictors import Predictor, make_predictor
 from pipeline.tiling import Tile, iter_batches, read_tile_index
 
@@ -125,7 +131,10 @@ def blend_ramp(size: int, overlap: int) -> np.ndarray:
 
 
 def load_batch(pair: PairReader, tiles: Sequence[Tile], pad_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Read ``tiles`` and pad each by reflection to ``pad_size`` square (a multiple of ``STRIDE``).
+    """Read ``tiles``, make their invalid pixels unchanged and pad each by reflection to ``pad_size`` square.
+
+    ``pad_size`` is a multiple of ``STRIDE``; :func:`pipeline.nets.blocks.unchanged_where_invalid` says
+    why invalid pixels are given ``curr`` in both epochs.
 
     Returns:
         The batch float32 (b, 2, c, pad_size, pad_size) and each tile's valid mask (h, w).
@@ -136,8 +145,9 @@ def load_batch(pair: PairReader, tiles: Sequence[Tile], pad_size: int) -> tuple[
         h, w = images.shape[-2:]
         if (h, w) != (tile.height, tile.width):
             raise InputError(f"tile {tile.tile_id}: read {h}x{w} pixels, index says {tile.height}x{tile.width}")
-        xs.append(pad_to_multiple(images, STRIDE, min_size=pad_size))
-        valids.append(np.asarray(valid, dtype=bool))
+        valid = np.asarray(valid, dtype=bool)
+        xs.append(pad_to_multiple(unchanged_where_invalid(images, valid), STRIDE, min_size=pad_size))
+        valids.append(valid)
     return np.stack(xs).astype(np.float32, copy=False), valids
 
 

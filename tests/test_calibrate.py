@@ -236,3 +236,27 @@ def test_demo_accuracy_pools_the_monthly_counts(tmp_path: Path) -> None:
         and "scarwatch demo-accuracy: error:" in result.output
         and "run 'make demo'" in result.output
     )
+
+
+def test_evaluate_gives_invalid_pixels_curr_in_both_epochs_as_detect_does(tmp_path: Path) -> None:
+    """What is calibrated and scored is what detect computes: an epoch's empty strip changes nothing."""
+    import torch
+
+    from pipeline.model.evaluate import net_probabilities
+    from pipeline.nets import create_model
+    from pipeline.nets.checkpoint import ChangeModel, save_checkpoint
+
+    torch.manual_seed(0)
+    kw = {"widths": (4, 4, 8, 8, 8)}
+    model = ChangeModel.load(save_checkpoint(tmp_path / "n.pt", create_model("scarnet", **kw), "scarnet", 3, kw))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 3, 32, 48), dtype=np.uint8)
+    valid = np.ones((32, 48), bool)
+    valid[-4:] = False
+    black, noise = images.copy(), images.copy()
+    black[0, :, -4:] = 0  # prev empty where it is not valid
+    noise[0, :, -4:] = rng.integers(0, 256, (3, 4, 48), dtype=np.uint8)
+    items = [Item("s", name, x, np.zeros((32, 48), bool), valid, "new") for name, x in (("b", black), ("n", noise))]
+    p_black, p_noise = net_probabilities(model, items)
+    np.testing.assert_array_equal(p_black, p_noise)  # prev's invalid content is not seen
+    assert black[0, 0, -1, 0] == 0  # the item itself is not modified

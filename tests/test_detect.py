@@ -22,6 +22,7 @@ from pipeline import detect as det
 from pipeline.config import DetectSettings, VectorizeSettings
 from pipeline.errors import ConfigError, CRSMismatchError, ModelError
 from pipeline.formats import PROB_NODATA, PROB_SCALE, encode_probabilities, probability_tags
+from pipeline.nets.blocks import unchanged_where_invalid
 from pipeline.nets.device import resolve_device
 from pipeline.predictors import CheckpointPredictor, CvaPredictor, ModulePredictor, make_predictor
 from pipeline.tiling import make_grid, write_tile_index
@@ -436,6 +437,44 @@ def test_batches_without_a_valid_pixel_skip_the_network(tmp_path: Path) -> None:
     probs, summary = run(tmp_path, pair_dir, 64, 0, settings=settings, predictor=Counting(ConvNet(), device="cpu"))
     assert summary.n_tiles == 3 and calls == [1]  # only the last batch (one tile) ran
     assert (probs[:, :, :128] == PROB_NODATA).all() and (probs[:, :, 128:] <= PROB_SCALE).all()
+
+
+def _pair_with_empty_prev_rows(tmp: Path, fill: np.ndarray | float) -> Path:
+    """make_pair's pair whose last 6 rows are missing in ``prev`` (read as ``fill``) and so not valid."""
+    pair_dir = make_pair(tmp, height=96, width=128, invalid=False)
+    images, valid = np.load(pair_dir / "images.npy"), np.load(pair_dir / "valid.npy")
+    images[0, :, -6:, :] = fill
+    valid[-6:, :] = False
+    np.save(pair_dir / "images.npy", images)
+    np.save(pair_dir / "valid.npy", valid)
+    return pair_dir
+
+
+def test_what_an_epoch_lacks_does_not_spill_change_into_valid_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prev's empty border rows (black, or anything else) leave the valid pixels' probabilities as they are."""
+    noise = np.random.default_rng(3).random((3, 6, 128)).astype(np.float32)
+    settings = DetectSettings(device="cpu", batch_size=2, workers=0)
+    black = run(tmp_path / "black", _pair_with_empty_prev_rows(tmp_path / "black", 0.0), 64, 16, settings=settings)[0]
+    other = run(tmp_path / "noise", _pair_with_empty_prev_rows(tmp_path / "noise", noise), 64, 16, settings=settings)[0]
+    assert (black[:, -6:] == PROB_NODATA).all() and (black[:, :-6] <= PROB_SCALE).all()
+    np.testing.assert_array_equal(black, other)
+    # without the rule the network's receptive field (5 px here) carries the black rows into the valid ones
+    monkeypatch.setattr(det, "unchanged_where_invalid", lambda images, valid: images)
+    raw = run(tmp_path / "raw", _pair_with_empty_prev_rows(tmp_path / "raw", 0.0), 64, 16, settings=settings)[0]
+    spilled = np.abs(raw[:, -8:-6].astype(int) - black[:, -8:-6].astype(int))
+    assert spilled.max() > 10 and (raw[:, :-10] == black[:, :-10]).all()
+
+
+def test_unchanged_where_invalid_copies_curr_into_prev_only_where_invalid() -> None:
+    images = np.stack([np.zeros((3, 4, 5), np.float32), np.ones((3, 4, 5), np.float32)])
+    valid = np.ones((4, 5), bool)
+    valid[0, :2] = valid[3, 4] = False
+    out = unchanged_where_invalid(images, valid)
+    assert out is images
+    np.testing.assert_array_equal(out[0], np.where(valid, 0.0, 1.0)[None].repeat(3, 0))
+    np.testing.assert_array_equal(out[1], 1.0)
 
 
 def test_bf16_agrees_with_fp32_on_the_shipped_checkpoint() -> None:

@@ -151,9 +151,12 @@ def net_probabilities(model: ChangeModel, items: list[Item]) -> list[np.ndarray]
     """The class probability of each item; pairs are predicted once per direction.
 
     For a direction-symmetric network (``module.symmetric``, e.g. ScarNet) the swapped direction is the
-    unswapped one with its two channels exchanged, so it is not predicted again.
+    unswapped one with its two channels exchanged, so it is not predicted again, as detect predicts both
+    directions from one forward. Pixels outside ``item.valid`` are given the later epoch's value in both,
+    as detect gives them (:func:`pipeline.nets.blocks.unchanged_where_invalid`), so that what is calibrated
+    and scored here is what detect computes.
     """
-    from pipeline.nets.blocks import pad_to_multiple
+    from pipeline.nets.blocks import pad_to_multiple, unchanged_where_invalid
 
     symmetric = bool(getattr(model.module, "symmetric", False))
     cache: dict[tuple[str, str, bool], np.ndarray] = {}
@@ -166,7 +169,8 @@ def net_probabilities(model: ChangeModel, items: list[Item]) -> list[np.ndarray]
                 cache[key] = cache[twin][::-1]
             else:
                 h, w = item.images.shape[-2:]
-                x = pad_to_multiple(item.images)[None].astype(np.float32) / 255.0
+                images = unchanged_where_invalid(np.array(item.images), item.valid)
+                x = pad_to_multiple(images)[None].astype(np.float32) / 255.0
                 cache[key] = model.predict(x)[0, :, :h, :w]
         out.append(cache[key][CLASSES[item.cls]])
     return out

@@ -23,6 +23,21 @@ def padded_size(n: int, multiple: int = STRIDE) -> int:
     return math.ceil(n / multiple) * multiple
 
 
+def unchanged_where_invalid(images: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``images`` (2, c, h, w) [prev, curr] with ``prev`` set to ``curr`` wherever ``valid`` (h, w) is False.
+
+    The network then sees no change at the pixels it is not asked about, so their content (an epoch's
+    empty value where it has no data, a strip the co-registration shift left empty, a cloud) cannot
+    spill change into the valid pixels beside them through the receptive field. Detect, calibrate and
+    evaluate all prepare their inputs this way (on the full demo town's border strips: models/scarnet.md,
+    "Flags"). Modifies ``images`` in place and returns it.
+    """
+    invalid = ~np.asarray(valid, dtype=bool)
+    if invalid.any():
+        images[0][:, invalid] = images[1][:, invalid]
+    return images
+
+
 def pad_to_multiple(images: np.ndarray, multiple: int = STRIDE, *, min_size: int = 0) -> np.ndarray:
     """Reflection-pad the last two axes (bottom and right) up to multiples of ``multiple``.
 
