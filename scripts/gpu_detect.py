@@ -37,7 +37,7 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     """Read ``--n`` tiles spread over the index through the real reader; save them with the checkpoint."""
     import shutil
 
-    from pipeline.nets.blocks import pad_to_multiple
+    from pipeline.nets.blocks import pad_to_multiple, unchanged_where_invalid
     from pipeline.pair import AlignedPair
     from pipeline.tiling import read_tile_index
 
@@ -46,8 +46,8 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     out = []
     with AlignedPair.open(args.pair) as pair:
         for i in picks:
-            images, _ = pair.read(tiles[int(i)].window)
-            out.append(np.round(pad_to_multiple(images) * 255).astype(np.uint8))
+            images, valid = pair.read(tiles[int(i)].window)  # prepared as detect's load_batch prepares them
+            out.append(np.round(pad_to_multiple(unchanged_where_invalid(images, valid)) * 255).astype(np.uint8))
     args.out.mkdir(parents=True, exist_ok=True)
     np.save(args.out / "tiles.npy", np.stack(out))
     shutil.copyfile(args.model, args.out / "model.pt")
