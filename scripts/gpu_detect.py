@@ -37,7 +37,8 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     """Read ``--n`` tiles spread over the index through the real reader; save them with the checkpoint."""
     import shutil
 
-    from pipeline.nets.blocks import pad_to_multiple, unchanged_where_invalid
+    from pipeline.detect import load_batch
+    from pipeline.nets.blocks import padded_size
     from pipeline.pair import AlignedPair
     from pipeline.tiling import read_tile_index
 
@@ -45,9 +46,9 @@ def pack(args: argparse.Namespace) -> dict[str, Any]:
     picks = np.unique(np.linspace(0, len(tiles) - 1, min(args.n, len(tiles))).round().astype(int))
     out = []
     with AlignedPair.open(args.pair) as pair:
-        for i in picks:
-            images, valid = pair.read(tiles[int(i)].window)  # prepared as detect's load_batch prepares them
-            out.append(np.round(pad_to_multiple(unchanged_where_invalid(images, valid)) * 255).astype(np.uint8))
+        for i in picks:  # one tile at a time, prepared exactly as detect prepares its batches
+            batch, _ = load_batch(pair, [tiles[int(i)]], padded_size(args.tile_size))
+            out.append(np.round(batch[0] * 255).astype(np.uint8))
     args.out.mkdir(parents=True, exist_ok=True)
     np.save(args.out / "tiles.npy", np.stack(out))
     shutil.copyfile(args.model, args.out / "model.pt")
