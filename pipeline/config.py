@@ -258,6 +258,11 @@ class TrainSettings(_Section):
     # also keep a copy of the checkpoint every this many steps, `<out>.step<N>.pt` (None: only the latest
     # and the best quick validation): a long run's candidates for scoring and averaging outlive it
     keep_every: int | None = Field(None, ge=1)
+    # U-Net border weights (Ronneberger et al., 2015): the background between two labelled structures gets
+    # BCE weight 1 + w0·exp(-(d1 + d2)² / 2σ²), d1, d2 the distances (px) to the nearest and second-nearest
+    # structure, so the network learns to keep neighbouring houses apart (0: off). σ in pixels
+    separation_weight: float = Field(0.0, ge=0)
+    separation_sigma_px: float = Field(5.0, gt=0)
 
     @field_validator("footprints")
     @classmethod

@@ -26,7 +26,7 @@ from pipeline.model.data import (
     whu_split,
 )
 from pipeline.model.sampler import TrainingSampler
-from pipeline.model.train import lr_factor, masked_bce_dice, seed_everything
+from pipeline.model.train import lr_factor, masked_bce_dice, seed_everything, separation_weights
 from pipeline.nets import create_model
 from pipeline.nets.device import resolve_device
 
@@ -72,6 +72,51 @@ def test_masked_loss_ignores_weighted_out_pixels() -> None:
     assert float(masked_bce_dice(logits2, labels, weight, dice_weight=0)) > float(base)
     perfect = masked_bce_dice(torch.full((1, 2, 4, 4), 20.0), torch.ones(1, 2, 4, 4), weight, dice_weight=1)
     assert float(perfect) < 1e-3
+
+
+def test_separation_weights_follow_the_unet_border_formula() -> None:
+    # two 10 px squares 4 px apart and a third far away, in one of two class maps
+    labels = np.zeros((1, 2, 40, 60), np.float32)
+    labels[0, 0, 5:15, 5:15] = 1
+    labels[0, 0, 5:15, 19:29] = 1
+    labels[0, 0, 30:36, 50:56] = 1
+    w0, sigma = 10.0, 5.0
+    got = separation_weights(labels, w0, sigma)
+    assert got.shape == labels.shape and got.dtype == np.float32
+    assert np.all(got[0, 1] == 1.0)  # an empty map: no border anywhere
+    assert np.all(got[0, 0][labels[0, 0] > 0] == 1.0)  # structures keep weight 1
+    # against distances to every structure computed over the whole map
+    comps, n = ndimage.label(labels[0, 0] > 0, structure=np.ones((3, 3), bool))
+    dists = np.sort(np.stack([ndimage.distance_transform_edt(comps != k) for k in range(1, n + 1)]), axis=0)
+    want = np.where(comps > 0, 1.0, 1.0 + w0 * np.exp(-((dists[0] + dists[1]) ** 2) / (2 * sigma**2)))
+    assert np.abs(got[0, 0] - want).max() <= w0 * np.exp(-4.5)
+    # the gap between the close pair weighs most; the same pixel column far from both weighs about 1
+    # (column 16: 2 px to the left square's last column 14, 3 px to the right one's first column 19)
+    assert got[0, 0, 10, 16] == pytest.approx(1 + w0 * np.exp(-(5.0**2) / (2 * sigma**2)), rel=1e-5)
+    assert got[0, 0, 10, 16] > 7.0 and got[0, 0, 38, 16] < 1.01
+    # one structure, or w0 = 0: all ones
+    single = np.zeros((1, 1, 20, 20), np.float32)
+    single[0, 0, 5:10, 5:10] = 1
+    assert np.all(separation_weights(single, w0, sigma) == 1.0)
+    assert np.all(separation_weights(labels, 0.0, sigma) == 1.0)
+
+
+def test_pixel_weights_scale_each_pixels_bce_within_the_counted_mean() -> None:
+    logits = torch.zeros(1, 2, 4, 4)
+    labels = torch.zeros(1, 2, 4, 4)
+    weight = torch.ones(1, 4, 4, dtype=torch.bool)
+    base = masked_bce_dice(logits, labels, weight, dice_weight=0)
+    ones = masked_bce_dice(logits, labels, weight, dice_weight=0, pixel_weight=torch.ones(1, 2, 4, 4))
+    assert float(ones) == pytest.approx(float(base), rel=1e-6)
+    pw = torch.ones(1, 2, 4, 4)
+    pw[0, 0, 1, 1] = 11.0  # one pixel of 32 weighs 11: the mean rises by 10/32 of a pixel's BCE
+    heavier = masked_bce_dice(logits, labels, weight, dice_weight=0, pixel_weight=pw)
+    assert float(heavier) == pytest.approx(float(base) * (1 + 10 / 32), rel=1e-5)
+    weight2 = weight.clone()
+    weight2[:, 1, 1] = False  # an ignored pixel stays ignored whatever its factor
+    assert float(masked_bce_dice(logits, labels, weight2, dice_weight=0, pixel_weight=pw)) == pytest.approx(
+        float(base), rel=1e-5
+    )
 
 
 def test_lr_schedule_warms_up_and_decays() -> None:
@@ -475,6 +520,39 @@ def test_a_signal_pauses_the_run_with_its_state_and_resume_equals_one_long_run(
     assert one.steps == 6 and all(torch.equal(v, b[k]) for k, v in a.items())
     pause = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines() if '"pause"' in x]
     assert [(p["step"], p["signal"]) for p in pause] == [(3, "SIGTERM")]
+
+
+def test_a_run_with_border_weights_trains_records_them_and_resumes_exactly(fake_shared: Path, tmp_path: Path) -> None:
+    from pipeline.model.train import train
+
+    kw = {"separation_weight": 10.0, "separation_sigma_px": 3.0}
+    one = train(_fake_train_settings(tmp_path / "a", **kw), tmp_path / "a" / "net.pt", data=fake_shared)
+    plain = train(_fake_train_settings(tmp_path / "p"), tmp_path / "p" / "net.pt", data=fake_shared)
+    assert np.isfinite(one.final_loss) and one.final_loss != pytest.approx(plain.final_loss)
+    train(_fake_train_settings(tmp_path / "b", max_steps_this_run=3, **kw), tmp_path / "b" / "net.pt", data=fake_shared)
+    train(_fake_train_settings(tmp_path / "b", **kw), tmp_path / "b" / "net.pt", data=fake_shared, resume=True)
+    a = torch.load(tmp_path / "a" / "net.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "net.pt", weights_only=True)
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert a["meta"]["train"]["separation_weight"] == 10.0 and a["meta"]["train"]["separation_sigma_px"] == 3.0
+
+
+def test_resume_accepts_a_state_saved_before_later_fields_existed(fake_shared: Path, tmp_path: Path) -> None:
+    import json
+
+    from pipeline.model.train import resume_path, train
+
+    train(_fake_train_settings(tmp_path, max_steps_this_run=2), tmp_path / "net.pt", data=fake_shared)
+    path = resume_path(tmp_path / "net.pt")
+    state = torch.load(path, weights_only=True)
+    old = json.loads(state["settings"])
+    del old["separation_weight"], old["separation_sigma_px"]  # as states saved before the fields were
+    state["settings"] = json.dumps(old)
+    torch.save(state, path)
+    assert train(_fake_train_settings(tmp_path), tmp_path / "net.pt", data=fake_shared, resume=True).steps == 6
+    torch.save(state, resume_path(tmp_path / "x.pt"))  # the old state ran without border weights
+    with pytest.raises(ModelError, match=r"\['separation_weight'\] differ"):
+        train(_fake_train_settings(tmp_path, separation_weight=5.0), tmp_path / "x.pt", data=fake_shared, resume=True)
 
 
 def test_resume_refuses_changed_settings(fake_shared: Path, tmp_path: Path) -> None:

@@ -105,6 +105,8 @@ class PlainTrainSettings:
     schedule: str = "cosine"  # bundles written before the field existed train on the cosine schedule
     footprints: dict[str, float] = dataclasses.field(default_factory=dict)  # older bundles: Santa Rosa only
     keep_every: int | None = None  # read for equal fields; a GPU run (minutes) keeps its best and its last
+    separation_weight: float = 0.0  # refused above 0 (main): the bundle's batches carry no border weights
+    separation_sigma_px: float = 5.0
 
     @classmethod
     def from_manifest(cls, train: dict[str, Any], **overrides: Any) -> PlainTrainSettings:
@@ -256,6 +258,11 @@ def gpu_train(
         if value is not None:
             overrides[key] = value
     settings = PlainTrainSettings.from_manifest(data.train, **overrides)
+    if settings.separation_weight > 0:
+        raise InputError(
+            f"the bundle's train.separation_weight is {settings.separation_weight}: the GPU trainer has no border"
+            " weights; write the bundle with --set train.separation_weight=0"
+        )
     dev = resolve_device(settings.device)
     if workers is None:
         workers = max(1, (os.cpu_count() or 2) - 1)
