@@ -261,6 +261,43 @@ def object_scores(
     return Scores.from_counts(tp, n_pred - tp, n_truth - tp)
 
 
+def _components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of ``mask`` without those under ``min_pixels``: labels and sizes (index 0 unused)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    remap = np.zeros(n + 1, dtype=np.int64)
+    remap[keep] = np.arange(1, int(keep.sum()) + 1)
+    lab = remap[lab]
+    return lab, np.bincount(lab.ravel(), minlength=int(keep.sum()) + 1)
+
+
+def _component_matches(
+    pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None, iou_threshold: float, min_pixels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int, int]]]:
+    """Both maps' components, their overlapping pairs with pixel counts, and the one-to-one matches."""
+    p = np.asarray(pred) != 0
+    t = np.asarray(truth) != 0
+    if p.ndim != 2 or p.shape != t.shape:
+        raise ValueError(f"pred {p.shape!r} and truth {t.shape!r} must be 2-D masks of one shape")
+    if valid is not None:
+        v = np.asarray(valid, dtype=bool)
+        p, t = p & v, t & v
+    p_lab, p_sizes = _components(p, min_pixels)
+    t_lab, t_sizes = _components(t, min_pixels)
+    both = (p_lab > 0) & (t_lab > 0)
+    pairs, inter = np.unique(np.stack([t_lab[both], p_lab[both]]), axis=1, return_counts=True)
+    candidates = []
+    for (ti, pi), n in zip(pairs.T.tolist(), inter.tolist(), strict=True):
+        iou = n / (t_sizes[ti] + p_sizes[pi] - n)
+        if iou >= iou_threshold:
+            candidates.append((iou, ti, pi))
+    return p_lab, p_sizes, t_lab, t_sizes, pairs, inter, greedy_matches(candidates)
+
+
 def component_scores(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -288,39 +325,58 @@ def component_scores(
     Raises:
         ValueError: the inputs are not 2-D or their shapes differ.
     """
-    from scipy import ndimage
+    _, p_sizes, _, t_sizes, _, _, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    tp = len(matches)
+    return Scores.from_counts(tp, len(p_sizes) - 1 - tp, len(t_sizes) - 1 - tp)
 
-    p = np.asarray(pred) != 0
-    t = np.asarray(truth) != 0
-    if p.ndim != 2 or p.shape != t.shape:
-        raise ValueError(f"pred {p.shape!r} and truth {t.shape!r} must be 2-D masks of one shape")
-    if valid is not None:
-        v = np.asarray(valid, dtype=bool)
-        p, t = p & v, t & v
-    structure = np.ones((3, 3), dtype=bool)
 
-    def _label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lab, n = ndimage.label(mask, structure=structure)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        keep = sizes >= min_pixels
-        keep[0] = False
-        remap = np.zeros(n + 1, dtype=np.int64)
-        remap[keep] = np.arange(1, int(keep.sum()) + 1)
-        lab = remap[lab]
-        return lab, np.bincount(lab.ravel(), minlength=int(keep.sum()) + 1)
+OBJECT_FATES = ("hit", "merged", "partly", "missed")
 
-    p_lab, p_sizes = _label(p)
-    t_lab, t_sizes = _label(t)
-    n_p, n_t = len(p_sizes) - 1, len(t_sizes) - 1
-    both = (p_lab > 0) & (t_lab > 0)
-    pairs, inter = np.unique(np.stack([t_lab[both], p_lab[both]]), axis=1, return_counts=True)
-    candidates = []
+
+def object_fates(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    min_pixels: int = 1,
+    missed_below: float = 0.2,
+) -> dict[str, int]:
+    """What became of each true object, on the components :func:`component_scores` matches.
+
+    ``hit``: matched one to one at IoU >= ``iou_threshold`` (so the count is ``component_scores``' TP).
+    Of the others, by the predicted component that covers most of the object: ``missed`` when it covers
+    less than ``missed_below`` of it (or none does); ``merged`` when that component also overlaps another
+    true object (neighbours grown into one blob); ``partly`` otherwise (a blob too small, too large or
+    in pieces).
+
+    Args:
+        pred, truth, valid, iou_threshold, min_pixels: as :func:`component_scores`.
+        missed_below: the covered share under which an object counts as missed.
+
+    Returns:
+        A count per fate, in :data:`OBJECT_FATES` order.
+    """
+    _, _, _, t_sizes, pairs, inter, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    fates = dict.fromkeys(OBJECT_FATES, 0)
+    fates["hit"] = len(matches)
+    hit = {ti for _, ti, _ in matches}
+    truths_per_pred = np.bincount(pairs[1], minlength=1) if pairs.size else np.zeros(1, np.int64)
+    best: dict[int, tuple[int, int]] = {}
     for (ti, pi), n in zip(pairs.T.tolist(), inter.tolist(), strict=True):
-        iou = n / (t_sizes[ti] + p_sizes[pi] - n)
-        if iou >= iou_threshold:
-            candidates.append((iou, ti, pi))
-    tp = len(greedy_matches(candidates))
-    return Scores.from_counts(tp, n_p - tp, n_t - tp)
+        if n > best.get(ti, (0, 0))[0]:
+            best[ti] = (n, pi)
+    for ti in range(1, len(t_sizes)):
+        if ti in hit:
+            continue
+        n, pi = best.get(ti, (0, 0))
+        if n < missed_below * t_sizes[ti]:
+            fates["missed"] += 1
+        elif truths_per_pred[pi] > 1:
+            fates["merged"] += 1
+        else:
+            fates["partly"] += 1
+    return fates
 
 
 def weighted_f1(scores: dict[str, dict[str, dict[str, Any]]], weights: dict[str, float], level: str = "pixel") -> float:

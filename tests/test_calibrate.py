@@ -140,6 +140,12 @@ def test_calibrate_then_evaluate_on_the_fake_tree(fake_shared: Path, tmp_path: P
     # CVA finds the bright new roofs of the fake levir pairs
     assert metrics["methods"]["cva"]["scores"]["levir-dev"]["new"]["pixel"]["recall"] > 0.9
     assert shipped["objects"]["object_threshold"] == out["object_threshold"]
+    # every true object's fate is counted once, and the hits are the object scores' TP
+    for ds, classes in shipped["scores"].items():
+        for cls, sc in classes.items():
+            fates = shipped["object_fates"][ds][cls]
+            assert list(fates) == ["hit", "merged", "partly", "missed"]
+            assert fates["hit"] == sc["object"]["tp"] and sum(fates.values()) == sc["object"]["tp"] + sc["object"]["fn"]
     assert set(metrics["bars"]) == {
         "levir-dev/new",
         "whu-cd/new",
@@ -156,6 +162,8 @@ def test_calibrate_then_evaluate_on_the_fake_tree(fake_shared: Path, tmp_path: P
     text = card.read_text()
     assert "PLACEHOLDER" not in text and "| whu-cd | new | **shipped** |" in text and text.endswith("after\n")
     assert text.index("| santa-rosa |") < text.index("| urban-2m |")  # sets in the evaluation's order
+    row = next(line for line in text.splitlines() if line.startswith("| whu-cd | new | **shipped** |"))
+    assert row.endswith(" | " + " / ".join(str(v) for v in shipped["object_fates"]["whu-cd"]["new"].values()) + " |")
     assert json.loads(settings.evaluate.out.read_text())["methods"]["shipped"]["threshold"] == shipped["threshold"]
 
 

@@ -3,7 +3,15 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from pipeline.errors import CRSError, CRSMismatchError
-from pipeline.metrics import Scores, component_scores, match_objects, object_scores, pixel_scores, pool
+from pipeline.metrics import (
+    Scores,
+    component_scores,
+    match_objects,
+    object_fates,
+    object_scores,
+    pixel_scores,
+    pool,
+)
 
 
 def test_scores_from_counts_hand_computed() -> None:
@@ -119,3 +127,28 @@ def test_component_scores_hand_computed() -> None:
     assert (s.tp, s.fp, s.fn) == (1, 2, 1)
     s = component_scores(pred, truth, min_pixels=2)
     assert (s.tp, s.fp, s.fn) == (1, 0, 1)
+
+
+def test_object_fates_tell_hits_merges_partial_finds_and_misses_apart() -> None:
+    truth = np.zeros((20, 40), bool)
+    truth[1:5, 1:5] = True  # A: found alone
+    truth[1:5, 10:14] = True  # B and C: neighbours 2 px apart ...
+    truth[1:5, 16:20] = True
+    truth[10:18, 1:9] = True  # D: 64 px, found as a 16 px corner only
+    truth[10:14, 20:24] = True  # E: 1 px of it found
+    truth[10:14, 30:34] = True  # F: nothing there
+    pred = np.zeros_like(truth)
+    pred[1:5, 1:5] = True
+    pred[1:5, 10:20] = True  # ... grown into one blob
+    pred[10:14, 1:5] = True
+    pred[10, 20] = True
+    fates = object_fates(pred, truth)
+    assert fates == {"hit": 1, "merged": 2, "partly": 1, "missed": 2}
+    assert fates["hit"] == component_scores(pred, truth).tp
+    # a valid mask clears the pixels outside it: E's lone pixel goes and E stays missed; A is gone from both
+    valid = np.ones_like(truth)
+    valid[0:6, 0:6] = False
+    assert object_fates(pred, truth, valid) == {"hit": 0, "merged": 2, "partly": 1, "missed": 2}
+    empty = np.zeros_like(truth)
+    assert object_fates(empty, truth) == {"hit": 0, "merged": 0, "partly": 0, "missed": 6}
+    assert object_fates(pred, empty) == {"hit": 0, "merged": 0, "partly": 0, "missed": 0}

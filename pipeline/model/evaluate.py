@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.fileio import atomic_path
-from pipeline.metrics import EMPTY, Scores, component_scores, pixel_scores, pool
+from pipeline.metrics import EMPTY, Scores, component_scores, object_fates, pixel_scores, pool
 
 if TYPE_CHECKING:
     from pipeline.config import EvaluateSettings, Settings
@@ -212,6 +212,21 @@ def scores_at(
     return out
 
 
+def fates_at(
+    items: list[Item], probs: list[np.ndarray], threshold: float, settings: EvaluateSettings
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per data set and class, what became of the true objects at ``threshold`` (:func:`object_fates`)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for item, p in zip(items, probs, strict=True):
+        got = object_fates(
+            p >= threshold, item.truth, item.valid, iou_threshold=settings.iou_threshold, min_pixels=settings.min_object_px
+        )
+        acc = out.setdefault(item.dataset, {}).setdefault(item.cls, dict.fromkeys(got, 0))
+        for k, v in got.items():
+            acc[k] += v
+    return {ds: dict(sorted(cl.items())) for ds, cl in sorted(out.items())}
+
+
 @dataclass
 class Objects:
     """Seeded objects of one probability map: 4-connected labels (h, w) and each label's mean p."""
@@ -310,6 +325,7 @@ def _network_entry(
         "calibration": model.meta.get("calibration"),
         "scores": scores_at(items, probs, t, ev),
         "scores_at_0.5": scores_at(items, probs, 0.5, ev, objects=False),
+        "object_fates": fates_at(items, probs, t, ev),
     }
     if shipped and model.object_threshold is not None:
         ot = model.object_threshold
@@ -357,6 +373,7 @@ def evaluate_model(checkpoint: str | Path, settings: Settings, *, flag_check: bo
         "kind": "change vector analysis + Otsu",
         "threshold": 0.5,
         "scores": scores_at(items, probs, 0.5, ev),
+        "object_fates": fates_at(items, probs, 0.5, ev),
     }
     del probs
     candidates = [(Path(p), False) for p in ev.baselines if Path(p) != checkpoint] + [(checkpoint, True)]
@@ -425,10 +442,11 @@ def beats(methods: dict[str, Any]) -> dict[str, Any]:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """The Markdown table of pixel P/R/F1/IoU and object F1 per method, data set and class."""
+    """The Markdown table of pixel P/R/F1/IoU, object F1 and the true objects' fates per method, set and class."""
     lines = [
-        "| data set | class | method | threshold | pixel P | pixel R | pixel F1 | pixel IoU | object F1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data set | class | method | threshold | pixel P | pixel R | pixel F1 | pixel IoU | object F1 "
+        "| objects hit / merged / partly / missed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     methods = metrics["methods"]
     order = list(metrics.get("datasets", {}))
@@ -443,9 +461,11 @@ def metrics_table(metrics: dict[str, Any]) -> str:
                 continue
             px, ob = s["pixel"], s["object"]
             label = f"**{name}**" if name == "shipped" else name
+            fates = m.get("object_fates", {}).get(ds, {}).get(cls)
+            fate = " / ".join(str(v) for v in fates.values()) if fates else ""
             lines.append(
                 f"| {ds} | {cls} | {label} | {m['threshold']:.2f} | {px['precision']:.3f} | {px['recall']:.3f} | "
-                f"{px['f1']:.3f} | {px['iou']:.3f} | {ob['f1']:.3f} |"
+                f"{px['f1']:.3f} | {px['iou']:.3f} | {ob['f1']:.3f} | {fate} |"
             )
     return "\n".join(lines)
 
