@@ -351,7 +351,11 @@ def object_fates(
     in pieces).
 
     Args:
-        pred, truth, valid, iou_threshold, min_pixels: as :func:`component_scores`.
+        pred: predicted change mask (h, w), bool or 0/1.
+        truth: true change mask (h, w).
+        valid: optional bool mask (h, w).
+        iou_threshold: minimum IoU for a hit.
+        min_pixels: smallest component that counts as an object.
         missed_below: the covered share under which an object counts as missed.
 
     Returns:

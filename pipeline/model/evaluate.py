@@ -219,7 +219,11 @@ def fates_at(
     out: dict[str, dict[str, dict[str, int]]] = {}
     for item, p in zip(items, probs, strict=True):
         got = object_fates(
-            p >= threshold, item.truth, item.valid, iou_threshold=settings.iou_threshold, min_pixels=settings.min_object_px
+            p >= threshold,
+            item.truth,
+            item.valid,
+            iou_threshold=settings.iou_threshold,
+            min_pixels=settings.min_object_px,
         )
         acc = out.setdefault(item.dataset, {}).setdefault(item.cls, dict.fromkeys(got, 0))
         for k, v in got.items():

@@ -355,7 +355,7 @@ class Prefetcher:
         w0, sigma = self._separation
         try:
             while not self._stop.is_set():
-                batch = sampler.batch(batch_size, crop)
+                batch: tuple[np.ndarray, ...] = sampler.batch(batch_size, crop)
                 if w0 > 0:  # a function of the labels alone: draws nothing, so resumption stays exact
                     batch = (*batch, separation_weights(batch[1], w0, sigma))
                 item = (batch, copy.deepcopy(sampler.state()))
