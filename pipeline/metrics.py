@@ -277,8 +277,8 @@ def _components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, np.ndarr
 
 def _component_matches(
     pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None, iou_threshold: float, min_pixels: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int, int]]]:
-    """Both maps' components, their overlapping pairs with pixel counts, and the one-to-one matches."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int, int]]]:
+    """Both maps' component sizes, their overlapping (truth, pred) pairs with pixel counts, the matches."""
     p = np.asarray(pred) != 0
     t = np.asarray(truth) != 0
     if p.ndim != 2 or p.shape != t.shape:
@@ -295,7 +295,7 @@ def _component_matches(
         iou = n / (t_sizes[ti] + p_sizes[pi] - n)
         if iou >= iou_threshold:
             candidates.append((iou, ti, pi))
-    return p_lab, p_sizes, t_lab, t_sizes, pairs, inter, greedy_matches(candidates)
+    return p_sizes, t_sizes, pairs, inter, greedy_matches(candidates)
 
 
 def component_scores(
@@ -325,7 +325,7 @@ def component_scores(
     Raises:
         ValueError: the inputs are not 2-D or their shapes differ.
     """
-    _, p_sizes, _, t_sizes, _, _, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    p_sizes, t_sizes, _, _, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
     tp = len(matches)
     return Scores.from_counts(tp, len(p_sizes) - 1 - tp, len(t_sizes) - 1 - tp)
 
@@ -361,11 +361,11 @@ def object_fates(
     Returns:
         A count per fate, in :data:`OBJECT_FATES` order.
     """
-    _, _, _, t_sizes, pairs, inter, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    p_sizes, t_sizes, pairs, inter, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
     fates = dict.fromkeys(OBJECT_FATES, 0)
     fates["hit"] = len(matches)
     hit = {ti for _, ti, _ in matches}
-    truths_per_pred = np.bincount(pairs[1], minlength=1) if pairs.size else np.zeros(1, np.int64)
+    truths_per_pred = np.bincount(pairs[1], minlength=len(p_sizes))
     best: dict[int, tuple[int, int]] = {}
     for (ti, pi), n in zip(pairs.T.tolist(), inter.tolist(), strict=True):
         if n > best.get(ti, (0, 0))[0]:

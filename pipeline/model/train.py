@@ -431,15 +431,16 @@ RESUMABLE_CHANGES = {
 }
 
 
-# fields added after training states were saved: a state without one ran at this value
-LATER_FIELDS = {"separation_weight": 0.0, "separation_sigma_px": 5.0}
+# fields added after training states were saved: a state without one ran at the field's default
+LATER_FIELDS = ("separation_weight", "separation_sigma_px")
 
 
 def _load_resume(path: Path, settings: TrainSettings) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{path}: no training state to resume; start the run without --resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    before = {**LATER_FIELDS, **json.loads(state["settings"])}
+    defaults = {k: type(settings).model_fields[k].default for k in LATER_FIELDS}
+    before = {**defaults, **json.loads(state["settings"])}
     now = json.loads(settings_json(settings))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
