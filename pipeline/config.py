@@ -142,6 +142,14 @@ class VectorizeSettings(_Section):
     regularize: bool = True
     rect_fill: float = Field(default=0.8, gt=0, le=1)  # regularise to a rectangle when area / rectangle >= this
     sliver_m: float = Field(default=1.0, ge=0)  # drop polygons narrower than this (metres)
+    # cut objects that are not one rectangle at their narrow necks (vectorize.split_objects): neighbours
+    # grown into one blob. Chosen on the training pairs only (the model card, Flags), not on validation.
+    split: bool = True
+    split_keep_fill: float = Field(default=0.7, gt=0, le=1)  # objects filling their min. rectangle this well stay whole
+    split_h_rel: float = Field(default=0.2, ge=0, lt=1)  # markers: h-maxima of the distance to the background,
+    split_h_px: float = Field(default=3.0, ge=0)  # h = max(split_h_px, split_h_rel x the object's largest distance)
+    split_min_px: int = Field(default=60, ge=2)  # smaller objects are never cut (pixels)
+    split_min_piece_px: int = Field(default=20, ge=1)  # a cut leaving a smaller piece is not made (pixels)
     window_px: int = Field(default=2048, ge=64)  # processing window (pixels a side)
     halo_px: int = Field(default=64, ge=0)  # context read around each window
 

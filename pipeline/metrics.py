@@ -261,32 +261,48 @@ def object_scores(
     return Scores.from_counts(tp, n_pred - tp, n_truth - tp)
 
 
-def _components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected components of ``mask`` without those under ``min_pixels``: labels and sizes (index 0 unused)."""
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+def _relabel(lab: np.ndarray, min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels without those under ``min_pixels``, renumbered 1..n: labels and sizes (index 0 unused)."""
+    sizes = np.bincount(lab.ravel(), minlength=int(lab.max()) + 1)
     keep = sizes >= min_pixels
     keep[0] = False
-    remap = np.zeros(n + 1, dtype=np.int64)
+    remap = np.zeros(len(sizes), dtype=np.int64)
     remap[keep] = np.arange(1, int(keep.sum()) + 1)
     lab = remap[lab]
     return lab, np.bincount(lab.ravel(), minlength=int(keep.sum()) + 1)
 
 
+def _components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of ``mask`` without those under ``min_pixels``: labels and sizes (index 0 unused)."""
+    from scipy import ndimage
+
+    lab, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return _relabel(lab, min_pixels)
+
+
 def _component_matches(
-    pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None, iou_threshold: float, min_pixels: int
+    pred: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None,
+    iou_threshold: float,
+    min_pixels: int,
+    *,
+    labelled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int, int]]]:
-    """Both maps' component sizes, their overlapping (truth, pred) pairs with pixel counts, the matches."""
-    p = np.asarray(pred) != 0
+    """Both maps' component sizes, their overlapping (truth, pred) pairs with pixel counts, the matches.
+
+    With ``labelled``, ``pred`` holds object labels (0 the background) that are taken as they are, so
+    that touching objects stay apart; otherwise its 8-connected components are the objects.
+    """
+    p = np.asarray(pred)
     t = np.asarray(truth) != 0
     if p.ndim != 2 or p.shape != t.shape:
         raise ValueError(f"pred {p.shape!r} and truth {t.shape!r} must be 2-D masks of one shape")
+    p = p.astype(np.int64) if labelled else p != 0
     if valid is not None:
         v = np.asarray(valid, dtype=bool)
-        p, t = p & v, t & v
-    p_lab, p_sizes = _components(p, min_pixels)
+        p, t = np.where(v, p, 0) if labelled else p & v, t & v
+    p_lab, p_sizes = _relabel(p, min_pixels) if labelled else _components(p, min_pixels)
     t_lab, t_sizes = _components(t, min_pixels)
     both = (p_lab > 0) & (t_lab > 0)
     pairs, inter = np.unique(np.stack([t_lab[both], p_lab[both]]), axis=1, return_counts=True)
@@ -325,7 +341,37 @@ def component_scores(
     Raises:
         ValueError: the inputs are not 2-D or their shapes differ.
     """
-    p_sizes, t_sizes, _, _, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    return _matched_scores(pred, truth, valid, iou_threshold, min_pixels, labelled=False)
+
+
+def label_scores(
+    labels: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    iou_threshold: float = 0.5,
+    min_pixels: int = 1,
+) -> Scores:
+    """Object scores of labelled predicted objects (0 the background) against the truth's components.
+
+    As :func:`component_scores`, but the predicted objects are the labels as given, so that touching
+    objects (the pieces of a cut blob, :func:`pipeline.vectorize.split_objects`) stay apart.
+    """
+    return _matched_scores(labels, truth, valid, iou_threshold, min_pixels, labelled=True)
+
+
+def _matched_scores(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    valid: np.ndarray | None,
+    iou_threshold: float,
+    min_pixels: int,
+    *,
+    labelled: bool,
+) -> Scores:
+    p_sizes, t_sizes, _, _, matches = _component_matches(
+        pred, truth, valid, iou_threshold, min_pixels, labelled=labelled
+    )
     tp = len(matches)
     return Scores.from_counts(tp, len(p_sizes) - 1 - tp, len(t_sizes) - 1 - tp)
 

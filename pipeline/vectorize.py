@@ -10,16 +10,21 @@ Per window (``window_px`` square) it reads ``halo_px`` of context on every side 
    (``skimage.filters.apply_hysteresis_threshold``); a weak blob with no strong pixel is dropped.
 2. **Clean-up**: a 3x3 opening (removes specks and one-pixel bridges) and a 3x3 closing (closes
    one-pixel gaps); both leave axis-aligned rectangles unchanged.
-3. **Polygons**: the window's core (halo dropped) is labelled (4-connectivity) and traced with
-   ``rasterio.features.shapes``; per label the sum, count and maximum of ``p`` are kept.
+3. **Cutting** (``split``, :func:`split_objects`): a blob that fills less than ``split_keep_fill`` of
+   its minimum rotated rectangle, usually neighbouring houses grown into one, is cut at its necks (a
+   watershed of the distance to the background); only objects that the window and its halo show whole
+   are cut, each piece named by its marker's raster pixel.
+4. **Polygons**: the window's core (halo dropped) is labelled (4-connectivity, one label per piece) and
+   traced with ``rasterio.features.shapes``; per label the sum, count and maximum of ``p`` are kept.
 
 Memory is bounded by one window plus its halo; objects connected through more than ``halo_px`` of
 context beyond a window are outside that bound (a documented limit, not a silent one).
 
 Then, per kind, parts that share an edge across window borders are unioned (``unary_union``) into one
-object, its pixel statistics pooled. An object whose mean probability is below ``min_p_mean`` (default:
-the model's calibrated object threshold, COG tag ``object_threshold``; see :mod:`pipeline.model.calibrate`) is
-dropped: the network is often sure of a shadow edge but not of a whole blob. Each object loses its
+object, its pixel statistics pooled (two pieces of one cut object stay two). An object whose mean
+probability is below ``min_p_mean`` (default: the model's calibrated object threshold, COG tag
+``object_threshold``; see :mod:`pipeline.model.calibrate`) is dropped: the network is often sure of a
+shadow edge but not of a whole blob. A piece is kept or dropped with the whole object it was cut from. Each object loses its
 holes, is dropped below ``min_area_m2``, is regularised or simplified, and slivers narrower than
 ``sliver_m`` are dropped:
 
@@ -55,7 +60,10 @@ from scipy import ndimage
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
+from skimage import measure
 from skimage.filters import apply_hysteresis_threshold
+from skimage.morphology import local_maxima, reconstruction
+from skimage.segmentation import watershed
 
 from pipeline.config import VectorizeSettings, check_month
 from pipeline.errors import ConfigError, CorruptFileError, CRSError, InputError, MissingInputError
@@ -79,6 +87,14 @@ DEFAULT_HIGH = 0.6  # seed threshold when neither vectorize.high nor the probabi
 _FOOTPRINT = np.ones((3, 3), bool)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A piece of a cut object: its marker's first pixel (row, col) in the raster, and the object it was cut from."""
+
+    marker: tuple[int, int]
+    parent: int  # the label of the whole object before the cut
+
+
 @dataclass
 class _Part:
     """A connected object found in one window's core, with its pixel statistics."""
@@ -89,6 +105,8 @@ class _Part:
     n: int
     p_max: float
     on_seam: bool
+    piece: tuple[int, int] | None = None  # a cut object's piece: its marker's (row, col) in the raster
+    gate_mean: float | None = None  # a piece's: the mean probability of the whole object it was cut from
 
 
 def resolve_thresholds(settings: VectorizeSettings, tags: dict[str, str]) -> VectorizeSettings:
@@ -113,6 +131,86 @@ def clean_mask(p: np.ndarray, settings: VectorizeSettings) -> np.ndarray:
     return np.asarray(ndimage.binary_closing(padded, structure=_FOOTPRINT)[1:-1, 1:-1])
 
 
+def _fill(rows: np.ndarray, cols: np.ndarray) -> float:
+    """Share of its minimum rotated rectangle that a set of pixels fills (pixel squares, not centres)."""
+    if len(rows) < 3:
+        return 1.0
+    corners = [np.stack([cols + dx, rows + dy], axis=1) for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)]
+    rect = shapely.minimum_rotated_rectangle(shapely.convex_hull(shapely.multipoints(np.concatenate(corners))))
+    return float(len(rows) / max(rect.area, 1e-9))
+
+
+def split_objects(
+    labels: np.ndarray,
+    settings: VectorizeSettings,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+) -> tuple[np.ndarray, dict[int, Piece]]:
+    """Cut objects that are not one rectangle at their narrow necks (distance-transform watershed).
+
+    Neighbouring houses grown into one blob are the largest loss at object level (the model card's
+    object fates). An object of ``split_min_px`` pixels or more that fills less than ``split_keep_fill``
+    of its minimum rotated rectangle (a long shed or a row of houses fills it well and stays whole) is
+    flooded from the h-maxima of its distance to the background, h = max(``split_h_px``, ``split_h_rel``
+    times its largest distance); with two markers or more and no piece under ``split_min_piece_px``,
+    the pieces replace it. scikit-image gives the markers and the flooding; the gate is ours, because
+    a plain watershed cuts long buildings at any dent of their outline.
+
+    Args:
+        labels: object labels (h, w), 0 the background.
+        settings: ``vectorize`` settings (``split*``).
+        origin: (row, col) of ``labels[0, 0]`` in the raster, so that pieces are named in raster pixels.
+        open_edges: (top, bottom, left, right) edges of ``labels`` that are not the raster's: an object
+            touching one may reach beyond what is seen here and is left whole.
+
+    Returns:
+        The labels with each cut object's pieces numbered after the existing labels (the first piece
+        keeps the old label), and each piece's label with its :class:`Piece`.
+    """
+    pieces: dict[int, Piece] = {}
+    if not settings.split:
+        return labels, pieces
+    out = labels.copy()
+    nxt = int(labels.max()) + 1
+    h, w = labels.shape
+    for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        touches = (box[0].start == 0, box[0].stop == h, box[1].start == 0, box[1].stop == w)
+        if any(t and o for t, o in zip(touches, open_edges, strict=True)):
+            continue
+        box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)  # a ring of background where there is one
+        comp = labels[box] == lab
+        n = int(comp.sum())
+        if n < settings.split_min_px or _fill(*np.nonzero(comp)) >= settings.split_keep_fill:
+            continue
+        edt = ndimage.distance_transform_edt(comp)  # an object cut by the raster's edge is not thinner there
+        height = max(settings.split_h_px, settings.split_h_rel * float(edt.max()))
+        # markers: the regional maxima of the h-maximum transform (the distance reconstructed from itself
+        # lowered by h): one per dome that rises more than h above the saddle to any higher dome.
+        # skimage.morphology.h_maxima marks every pixel standing h above that transform instead, which
+        # splits one flat-topped ridge into several markers (a U-shaped building at its two corners).
+        domes = reconstruction(np.maximum(edt - height, 0.0), edt, method="dilation")
+        markers, k = ndimage.label(local_maxima(domes) & comp)
+        if k < 2:
+            continue
+        flooded = watershed(-edt, markers, mask=comp)
+        if np.bincount(flooded.ravel(), minlength=k + 1)[1:].min() < settings.split_min_piece_px:
+            continue
+        view = out[box]
+        for j in range(1, k + 1):
+            r, c = np.argwhere(markers == j)[0]
+            piece = Piece((origin[0] + box[0].start + int(r), origin[1] + box[1].start + int(c)), lab)
+            if j == 1:
+                pieces[lab] = piece
+            else:
+                view[flooded == j] = nxt
+                pieces[nxt] = piece
+                nxt += 1
+    return out, pieces
+
+
 def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Objects of a mask: 4-connected labels (as ``shapes(connectivity=4)`` traces them), sums and counts.
 
@@ -121,6 +219,37 @@ def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     labels, n = ndimage.label(mask)
     flat = labels.ravel()
     return labels, np.bincount(flat, weights=p.ravel(), minlength=n + 1), np.bincount(flat, minlength=n + 1)
+
+
+def _core_objects(
+    mask: np.ndarray,
+    p: np.ndarray,
+    rows: slice,
+    cols: slice,
+    origin: tuple[int, int],
+    open_edges: tuple[bool, bool, bool, bool],
+    settings: VectorizeSettings,
+) -> tuple[np.ndarray, dict[int, tuple[tuple[int, int], float]]]:
+    """Labels of a window's core, objects cut seen with the halo; per piece label its marker and gate mean.
+
+    A piece is kept or dropped (``min_p_mean``) with the whole object it was cut from, whose mean is
+    exact here: only objects that the window and its halo show whole are cut.
+    """
+    full, sums, counts = label_objects(mask, p)
+    full, pieces = split_objects(full, settings, origin=origin, open_edges=open_edges)
+    cut = full[rows, cols]
+    if not pieces:
+        return ndimage.label(cut > 0)[0], {}
+    # a piece cropped to the core may fall apart, and pieces touch: one label per 4-connected run of one piece
+    parts = measure.label(cut, background=0, connectivity=1)
+    piece_of = np.zeros(int(parts.max()) + 1, np.int64)
+    piece_of[parts.ravel()] = cut.ravel()
+    named = {}
+    for i, v in enumerate(piece_of.tolist()):
+        if v in pieces:
+            whole = pieces[v].parent
+            named[i] = (pieces[v].marker, float(sums[whole] / max(counts[whole], 1)))
+    return parts, named
 
 
 def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings) -> dict[str, list[_Part]]:
@@ -139,12 +268,15 @@ def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings
         core.col_off > 0,
         core.col_off + core.width < ds.width,
     )
+    open_edges = (r0 > 0, r1 < ds.height, c0 > 0, c1 < ds.width)
     out: dict[str, list[_Part]] = {}
     for band, kind in enumerate(FLAG_KINDS):
         p = decode_probabilities(data[band])
         pc = p[rows, cols]
-        labels, sums, counts = label_objects(clean_mask(p, settings)[rows, cols], pc)
-        n = len(counts) - 1
+        labels, named = _core_objects(clean_mask(p, settings), p, rows, cols, (r0, c0), open_edges, settings)
+        n = int(labels.max())
+        flat = labels.ravel()
+        sums, counts = np.bincount(flat, weights=pc.ravel(), minlength=n + 1), np.bincount(flat, minlength=n + 1)
         if n == 0:
             out[kind] = []
             continue
@@ -156,7 +288,9 @@ def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings
         parts = []
         for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4, transform=transform):
             lab = int(value)
-            parts.append(_Part(shape(geom), index, float(sums[lab]), int(counts[lab]), float(maxs[lab]), lab in edge))
+            stats = (float(sums[lab]), int(counts[lab]), float(maxs[lab]))
+            marker, gate = named.get(lab, (None, None))
+            parts.append(_Part(shape(geom), index, *stats, lab in edge, marker, gate))
         out[kind] = parts
     return out
 
@@ -178,7 +312,8 @@ def _merge_seams(parts: list[_Part]) -> list[_Part]:
     left, right = tree.query([parts[i].geom for i in idx], predicate="intersects")
     for a, b in zip(left.tolist(), right.tolist(), strict=True):
         pa, pb = parts[idx[a]], parts[idx[b]]
-        if a < b and pa.window != pb.window and pa.geom.intersection(pb.geom).length > 0:
+        one_piece = pa.piece is None or pb.piece is None or pa.piece == pb.piece  # two pieces of a cut stay two
+        if a < b and pa.window != pb.window and one_piece and pa.geom.intersection(pb.geom).length > 0:
             parent[find(a)] = find(b)
     groups: dict[int, list[int]] = {}
     for a in range(len(idx)):
@@ -187,9 +322,11 @@ def _merge_seams(parts: list[_Part]) -> list[_Part]:
     for members in groups.values():
         group = [parts[i] for i in members]
         geom = group[0].geom if len(group) == 1 else shapely.unary_union([g.geom for g in group])
+        one = len({g.piece for g in group}) == 1  # one piece seen from several windows keeps its gate
         merged.append(
             _Part(geom, group[0].window, sum(g.p_sum for g in group), sum(g.n for g in group),
-                  max(g.p_max for g in group), False)
+                  max(g.p_max for g in group), False, group[0].piece if one else None,
+                  group[0].gate_mean if one else None)
         )  # fmt: skip
     return merged
 
@@ -342,7 +479,8 @@ def vectorize_month(
     dropped = 0
     for kind in FLAG_KINDS:
         for obj in _merge_seams(parts[kind]):
-            if obj.p_sum / max(obj.n, 1) < (settings.min_p_mean or 0.0):
+            gate = obj.gate_mean if obj.gate_mean is not None else obj.p_sum / max(obj.n, 1)
+            if gate < (settings.min_p_mean or 0.0):
                 dropped += 1
                 continue
             for poly in shape_object(obj.geom, settings):

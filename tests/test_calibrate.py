@@ -44,6 +44,27 @@ def test_seeded_objects_are_the_vectorize_objects() -> None:
     assert seeded_objects(p, 0.99, 0.5).labels.max() == 0  # nothing reaches the seed
 
 
+def test_seeded_objects_are_cut_as_vectorize_cuts_them() -> None:
+    p = np.zeros((64, 64), np.float32)
+    p[4:28, 4:28] = 0.97  # two offset houses joined by a neck: one blob ...
+    p[22:46, 32:56] = 0.75
+    p[22:28, 28:32] = 0.75
+    truth = np.zeros((64, 64), bool)
+    truth[4:28, 4:28] = truth[22:46, 32:56] = True
+    objs = seeded_objects(p, 0.9, 0.5)
+    assert objs.labels.max() == 2 and len(np.unique(objs.labels)) == 3  # ... cut in two
+    blob = (0.97 * 576 + 0.75 * 600) / 1176
+    assert objs.means[1:] == pytest.approx([blob, blob], abs=1e-4)  # each piece gated by the blob's mean
+    assert (objs.kept(0.9) > 0).sum() == 0 and (objs.kept(0.85) > 0).sum() == 1176  # blob: 0.858
+    whole = seeded_objects(p, 0.9, 0.5, vectorize=VectorizeSettings(split=False))
+    assert whole.labels.max() == 1
+    items = [Item("x", "a", np.zeros((2, 3, 64, 64), np.uint8), truth, np.ones_like(truth), "new")]
+    settings = EvaluateSettings(calibration_weights={"x": 1.0})
+    cut = calibrate_objects(items, [p], 0.9, 0.5, settings, grid=(0.0,))
+    kept = calibrate_objects(items, [p], 0.9, 0.5, settings, grid=(0.0,), vectorize=VectorizeSettings(split=False))
+    assert cut["scores"]["x"]["new"]["tp"] == 2 and kept["scores"]["x"]["new"]["tp"] == 0
+
+
 def test_calibrate_objects_picks_the_threshold_that_drops_the_unsure_blobs() -> None:
     p, truth = _map()
     valid = np.ones_like(p, bool)

@@ -6,6 +6,7 @@ from pipeline.errors import CRSError, CRSMismatchError
 from pipeline.metrics import (
     Scores,
     component_scores,
+    label_scores,
     match_objects,
     object_fates,
     object_scores,
@@ -127,6 +128,21 @@ def test_component_scores_hand_computed() -> None:
     assert (s.tp, s.fp, s.fn) == (1, 2, 1)
     s = component_scores(pred, truth, min_pixels=2)
     assert (s.tp, s.fp, s.fn) == (1, 0, 1)
+
+
+def test_label_scores_keep_touching_objects_apart() -> None:
+    truth = np.zeros((10, 20), bool)
+    truth[2:8, 2:8] = True  # two houses 2 px apart
+    truth[2:8, 10:16] = True
+    labels = np.zeros((10, 20), np.int32)
+    labels[2:8, 2:9] = 3  # one blob cut in two touching pieces (labels need not be 1..n)
+    labels[2:8, 9:16] = 7
+    labels[0, 19] = 9  # a 1-pixel false alarm
+    s = label_scores(labels, truth)
+    assert (s.tp, s.fp, s.fn) == (2, 1, 0)  # each piece matches its house (IoU 36/42)
+    blob = component_scores(labels > 0, truth)  # as one mask the pieces are one component
+    assert (blob.tp, blob.fp, blob.fn) == (0, 2, 2)
+    assert (label_scores(labels, truth, min_pixels=2).fp, label_scores(labels, truth, valid=labels != 7).tp) == (0, 1)
 
 
 def test_object_fates_tell_hits_merges_partial_finds_and_misses_apart() -> None:

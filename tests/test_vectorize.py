@@ -298,3 +298,77 @@ def test_objects_below_the_calibrated_mean_probability_are_dropped(tmp_path: Pat
     # no calibration anywhere: every seeded object is kept
     assert resolve_thresholds(VectorizeSettings(), {}).min_p_mean == 0.0
     assert resolve_thresholds(VectorizeSettings(), {"object_threshold": "junk"}).min_p_mean == 0.0
+
+
+def blobs() -> np.ndarray:
+    """Probabilities (2, 160, 200): two offset houses grown into one blob, a long shed, an L and a U."""
+    p = np.zeros((2, 160, 200), np.float32)
+    new = p[0]
+    new[10:34, 50:74] = 0.9  # house 1: 24 x 24 px
+    new[28:52, 78:102] = 0.9  # house 2, offset by 18 rows ...
+    new[28:34, 74:78] = 0.9  # ... joined to house 1 by a 6-pixel neck: one blob, 1,176 px
+    new[70:92, 10:88] = 0.9  # a long shed, 78 x 22 px (it fills its rectangle: stays whole) ...
+    new[70:74, 45:51] = 0.0  # ... with a dent in its roof line
+    new[100:140, 10:22] = 0.9  # an L: two 12-pixel arms
+    new[128:140, 22:50] = 0.9
+    new[100:150, 120:130] = 0.9  # a U (courtyard house): a 10-pixel spine and two arms
+    new[100:110, 130:170] = 0.9
+    new[140:150, 130:170] = 0.9
+    return np.rint(p * 254).astype(np.uint8)
+
+
+def test_neighbouring_houses_grown_together_are_cut_and_buildings_stay_whole(tmp_path: Path) -> None:
+    path = write_prob(tmp_path / "prob.tif", blobs())
+    settings = VectorizeSettings(window_px=4096, high=0.6, low=0.4)
+    flags = vectorize_month(path, tmp_path / "f.gpkg", settings, month="2026-03")
+    houses = flags[flags.intersects(px_box(10, 50, 52, 102))]
+    assert len(houses) == 2  # one flag per house, not one for the blob
+    for r0, c0 in ((10, 50), (28, 78)):
+        house = px_box(r0, c0, r0 + 24, c0 + 24)
+        got = houses[houses.intersects(house.centroid)]
+        assert len(got) == 1
+        assert got.geometry.iloc[0].intersection(house).area / got.geometry.iloc[0].union(house).area > 0.8
+    for name, region in (
+        ("shed", px_box(70, 10, 92, 88)),
+        ("L", px_box(100, 10, 140, 50)),
+        ("U", px_box(100, 120, 150, 170)),
+    ):
+        assert flags.intersects(region).sum() == 1, name
+    assert len(flags) == 5
+    whole = vectorize_month(path, tmp_path / "w.gpkg", settings.model_copy(update={"split": False}), month="2026-03")
+    assert len(whole) == 4 and whole.intersects(px_box(10, 50, 52, 102)).sum() == 1
+    # the blob is too small to cut below split_min_px, and not cut when any piece would be tiny
+    small = settings.model_copy(update={"split_min_px": 2000})
+    assert len(vectorize_month(path, tmp_path / "s.gpkg", small, month="2026-03")) == 4
+    tiny = settings.model_copy(update={"split_min_piece_px": 600})
+    assert len(vectorize_month(path, tmp_path / "t.gpkg", tiny, month="2026-03")) == 4
+
+
+def test_cut_objects_across_window_seams(tmp_path: Path) -> None:
+    # the blob crosses the seam at column 64; with a 32-pixel halo both windows see it whole and cut it alike
+    path = write_prob(tmp_path / "prob.tif", blobs())
+    whole = vectorize_month(
+        path, tmp_path / "a.gpkg", VectorizeSettings(window_px=4096, high=0.6, low=0.4), month="2026-03"
+    )
+    seams = VectorizeSettings(window_px=64, halo_px=40, high=0.6, low=0.4)
+    windowed = vectorize_month(path, tmp_path / "b.gpkg", seams, month="2026-03")
+    assert sorted(windowed.flag_id) == sorted(whole.flag_id)
+    # an object reaching beyond the halo is not judged from a part of it: it stays one object
+    narrow = vectorize_month(path, tmp_path / "c.gpkg", seams.model_copy(update={"halo_px": 8}), month="2026-03")
+    assert narrow.intersects(px_box(10, 50, 52, 102)).sum() == 1
+
+
+def test_pieces_are_kept_or_dropped_with_the_object_they_were_cut_from(tmp_path: Path) -> None:
+    data = blobs()
+    data[0, 28:52, 78:102] = round(0.62 * 254)  # house 2 is less sure: the blob's mean is 0.757
+    data[0, 28:34, 74:78] = round(0.62 * 254)
+    data[0, 60:160] = 0  # only the blob
+    path = write_prob(tmp_path / "prob.tif", data)
+    settings = VectorizeSettings(window_px=4096, high=0.6, low=0.4)
+    kept = vectorize_month(path, tmp_path / "k.gpkg", settings.model_copy(update={"min_p_mean": 0.75}), month="2026-03")
+    assert len(kept) == 2  # house 2 alone (0.62) is below 0.75, the blob it was cut from is not
+    assert sorted(kept.p_mean.round(2)) == [0.62, 0.9]  # each flag reports its own mean
+    dropped = vectorize_month(
+        path, tmp_path / "d.gpkg", settings.model_copy(update={"min_p_mean": 0.8}), month="2026-03"
+    )
+    assert len(dropped) == 0

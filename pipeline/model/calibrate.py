@@ -29,7 +29,7 @@ from pipeline.model.evaluate import Item, flag_object_scores, net_probabilities,
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.config import EvaluateSettings, Settings
+    from pipeline.config import EvaluateSettings, Settings, VectorizeSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def calibrate_objects(
     settings: EvaluateSettings,
     *,
     grid: Sequence[float] | None = None,
+    vectorize: VectorizeSettings | None = None,
 ) -> dict[str, Any]:
     """Choose the object mean-probability threshold that maximises the weighted object F1.
 
@@ -65,13 +66,14 @@ def calibrate_objects(
         settings: ``evaluate`` settings (``iou_threshold``, ``min_object_px``, ``calibration_weights``,
             ``object_thresholds``).
         grid: candidate thresholds (default ``settings.object_thresholds``).
+        vectorize: the other vectorize settings (the cutting of blobs); default their defaults.
 
     Returns:
         ``{"object_threshold", "seed", "low", "curve": {t: weighted F1}, "scores": {ds: {cls: Scores}}}``
         with the scores of the chosen threshold; ties go to the smaller threshold (fewer flags dropped).
     """
     grid = tuple(settings.object_thresholds if grid is None else grid)
-    per_t = flag_object_scores(list(items), list(probs), seed, low, grid, settings)
+    per_t = flag_object_scores(list(items), list(probs), seed, low, grid, settings, vectorize)
     as_dicts = {
         t: {ds: {cls: {"object": s.as_dict()} for cls, s in cl.items()} for ds, cl in groups.items()}
         for t, groups in per_t.items()
@@ -93,7 +95,7 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
 
     Args:
         checkpoint: the checkpoint to calibrate.
-        settings: all settings (``evaluate`` grids and weights, ``vectorize.low``, ``paths.shared``).
+        settings: all settings (``evaluate`` grids and weights, ``vectorize.low`` and ``split*``, ``paths.shared``).
         out: write the calibrated checkpoint here instead of over ``checkpoint``.
 
     Returns:
@@ -112,7 +114,9 @@ def calibrate_model(checkpoint: str | Path, settings: Settings, *, out: str | Pa
     items, _ = validation_items(settings, coarse=False)
     probs = net_probabilities(model, items)
     threshold, curve = pixel_threshold(items, probs, settings.evaluate)
-    objects = calibrate_objects(items, probs, threshold, settings.vectorize.low, settings.evaluate)
+    objects = calibrate_objects(
+        items, probs, threshold, settings.vectorize.low, settings.evaluate, vectorize=settings.vectorize
+    )
     result = {
         "threshold": threshold,
         "calibration": {str(t): round(v, 4) for t, v in curve.items()},

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.fileio import atomic_path
-from pipeline.metrics import EMPTY, Scores, component_scores, object_fates, pixel_scores, pool
+from pipeline.metrics import EMPTY, Scores, component_scores, label_scores, object_fates, pixel_scores, pool
 
 if TYPE_CHECKING:
-    from pipeline.config import EvaluateSettings, Settings
+    from pipeline.config import EvaluateSettings, Settings, VectorizeSettings
     from pipeline.nets.checkpoint import ChangeModel
 
 
@@ -233,39 +233,58 @@ def fates_at(
 
 @dataclass
 class Objects:
-    """Seeded objects of one probability map: 4-connected labels (h, w) and each label's mean p."""
+    """Seeded objects of one probability map: labels (h, w) as vectorize builds them and each label's mean p."""
 
     labels: np.ndarray
     means: np.ndarray  # index 0 (background) unused
 
-    def mask(self, min_mean: float) -> np.ndarray:
-        """The pixels of the objects whose mean probability is at least ``min_mean``."""
+    def kept(self, min_mean: float) -> np.ndarray:
+        """The labels of the objects whose mean probability is at least ``min_mean`` (others set to 0)."""
         keep = self.means >= min_mean
         keep[0] = False
-        return np.asarray(keep[self.labels])
+        return np.where(keep[self.labels], self.labels, 0)
+
+    def mask(self, min_mean: float) -> np.ndarray:
+        """The pixels of the objects whose mean probability is at least ``min_mean``."""
+        return self.kept(min_mean) > 0
 
 
-def seeded_objects(p: np.ndarray, seed: float, low: float, valid: np.ndarray | None = None) -> Objects:
-    """Objects as vectorize builds them: hysteresis at (``low``, ``seed``), 3x3 opening and closing.
+def seeded_objects(
+    p: np.ndarray,
+    seed: float,
+    low: float,
+    valid: np.ndarray | None = None,
+    vectorize: VectorizeSettings | None = None,
+) -> Objects:
+    """Objects as vectorize builds them: hysteresis at (``low``, ``seed``), 3x3 opening and closing, cut at necks.
 
     Args:
         p: probabilities (h, w) in [0, 1].
         seed: seed threshold (the calibrated pixel threshold).
         low: grow threshold (capped at ``seed``).
         valid: pixels outside it count as p = 0.
+        vectorize: the other vectorize settings (the cutting of blobs, ``split*``); default their defaults.
 
     Returns:
         The labelled objects with their mean probabilities.
     """
     from pipeline.config import VectorizeSettings
-    from pipeline.vectorize import clean_mask, label_objects
+    from pipeline.vectorize import clean_mask, label_objects, split_objects
 
     p = np.asarray(p, dtype=np.float32)
     if valid is not None:
         p = np.where(valid, p, 0.0).astype(np.float32)
-    settings = VectorizeSettings.model_validate({"high": seed, "low": min(low, seed)})
+    settings = (vectorize or VectorizeSettings.model_validate({})).model_copy(
+        update={"high": seed, "low": min(low, seed)}
+    )
     labels, sums, counts = label_objects(clean_mask(p, settings), p)
-    return Objects(labels, sums / np.maximum(counts, 1))
+    means = sums / np.maximum(counts, 1)
+    labels, pieces = split_objects(labels, settings)
+    if pieces:  # a piece is kept or dropped with the whole object it was cut from, as vectorize does
+        means = np.concatenate([means, np.zeros(int(labels.max()) + 1 - len(means))])
+        for lab, piece in pieces.items():
+            means[lab] = means[piece.parent]
+    return Objects(labels, means)
 
 
 def flag_object_scores(
@@ -275,14 +294,15 @@ def flag_object_scores(
     low: float,
     object_thresholds: tuple[float, ...],
     settings: EvaluateSettings,
+    vectorize: VectorizeSettings | None = None,
 ) -> dict[float, dict[str, dict[str, Scores]]]:
-    """Object scores of flag-like objects (seeded, grown, cleaned, kept by mean p) per threshold, set, class."""
+    """Object scores of flag-like objects (seeded, grown, cleaned, cut, kept by mean p) per threshold, set, class."""
     per_t: dict[float, dict[str, dict[str, list[Scores]]]] = {t: {} for t in object_thresholds}
     for item, p in zip(items, probs, strict=True):
-        objs = seeded_objects(p, seed, low, item.valid)
+        objs = seeded_objects(p, seed, low, item.valid, vectorize)
         for t in object_thresholds:
-            s = component_scores(
-                objs.mask(t),
+            s = label_scores(
+                objs.kept(t),
                 item.truth,
                 item.valid,
                 iou_threshold=settings.iou_threshold,
@@ -333,7 +353,7 @@ def _network_entry(
     }
     if shipped and model.object_threshold is not None:
         ot = model.object_threshold
-        flags = flag_object_scores(items, probs, t, settings.vectorize.low, (0.0, ot), ev)
+        flags = flag_object_scores(items, probs, t, settings.vectorize.low, (0.0, ot), ev, settings.vectorize)
         entry["objects"] = {
             "object_threshold": ot,
             "seed": t,
