@@ -298,7 +298,10 @@ def part_vectorize(root: Path, a: dict[str, Any]) -> dict[str, Any]:
     """``vectorize_month`` on a probability COG of ``size`` px with a planted structure every 96 px.
 
     The generated imagery has no change, so detect's own raster would give no object to count; this one
-    has 40-70 px rectangles (p 0.97 inside a 0.6 ring, 0.03 elsewhere), written in the detect encoding.
+    has 40-70 px rectangles (p 0.97 inside a 0.6 ring, 0.03 elsewhere), written in the detect encoding,
+    and in every other cell two offset 24 px houses joined by a neck instead (one blob that the cutting
+    of merged blobs, ``vectorize.split``, turns into two). With ``compare`` the same raster is vectorised
+    again without the cutting, right after, so that its cost is a ratio of two runs side by side.
     """
     import numpy as np
     import rasterio
@@ -311,9 +314,15 @@ def part_vectorize(root: Path, a: dict[str, Any]) -> dict[str, Any]:
     size = a["size"]
     rng = np.random.default_rng(0)
     p = np.full((2, size, size), 0.03, np.float32)
-    planted = 0
+    planted = blobs = 0
     for r in range(8, size - 80, 96):
         for c in range(8, size - 80, 96):
+            if (r // 96 + c // 96) % 2:
+                p[0, r : r + 24, c : c + 24] = 0.97
+                p[0, r + 18 : r + 42, c + 28 : c + 52] = 0.97
+                p[0, r + 18 : r + 24, c + 24 : c + 28] = 0.97
+                blobs += 1
+                continue
             h, w = rng.integers(40, 70, 2)
             p[0, r - 3 : r + h + 3, c - 3 : c + w + 3] = 0.6
             p[0, r : r + h, c : c + w] = 0.97
@@ -325,15 +334,25 @@ def part_vectorize(root: Path, a: dict[str, Any]) -> dict[str, Any]:
         ds.write(encode_probabilities(p, np.ones((size, size), bool)))
         ds.descriptions = PROB_BANDS
         ds.update_tags(**probability_tags(MONTH, "cnn", 0.9, None))
+    settings = VectorizeSettings.model_validate({})
     t0 = time.perf_counter()
-    flags = vectorize_month(prob, root / "flags.gpkg", VectorizeSettings(), month=MONTH)  # type: ignore[call-arg]
+    flags = vectorize_month(prob, root / "flags.gpkg", settings, month=MONTH)
     s = time.perf_counter() - t0
-    return {
+    out: dict[str, Any] = {
         "planted": planted,
+        "blobs": blobs,
         "objects": len(flags),
         "seconds": round(s, 2),
         "objects_per_s": round(len(flags) / s, 2),
     }
+    if a.get("compare"):
+        t0 = time.perf_counter()
+        whole = vectorize_month(
+            prob, root / "flags_uncut.gpkg", settings.model_copy(update={"split": False}), month=MONTH
+        )
+        s_uncut = time.perf_counter() - t0
+        out.update(objects_uncut=len(whole), seconds_uncut=round(s_uncut, 2), cut_cost=round(s / s_uncut, 2))
+    return out
 
 
 def part_generate(root: Path, a: dict[str, Any]) -> dict[str, Any]:
@@ -586,7 +605,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 a=r.figures["detect:fp32"]["out"],
                 b=r.figures["torchgeo:fp32"]["out"],
             )
-    r.run("vectorize", "vectorize", main, size=size)
+    r.run("vectorize", "vectorize", main, size=size, compare=True)
     ledger_script = ROOT / "benchmarks" / "bench_ledger.py"
     if ledger_script.exists() and "ledger" not in skip:
         out = root / "ledger.json"
@@ -1093,7 +1112,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     row(
         "vectorize",
         "vectorize",
-        f"{_fmt(v.get('objects_per_s'))} objects/s ({v.get('objects')} objects in {_fmt(v.get('seconds'))} s)",
+        f"{_fmt(v.get('objects_per_s'))} objects/s ({v.get('objects')} objects in {_fmt(v.get('seconds'))} s, "
+        f"{v.get('blobs')} blobs of two houses cut); without the cutting {v.get('objects_uncut')} objects in "
+        f"{_fmt(v.get('seconds_uncut'))} s, so cutting costs {_fmt(v.get('cut_cost'))}x",
     )
     lg = figs.get("ledger") or {}
     row(
