@@ -387,6 +387,7 @@ def object_fates(
     iou_threshold: float = 0.5,
     min_pixels: int = 1,
     missed_below: float = 0.2,
+    labelled: bool = False,
 ) -> dict[str, int]:
     """What became of each true object, on the components :func:`component_scores` matches.
 
@@ -403,11 +404,15 @@ def object_fates(
         iou_threshold: minimum IoU for a hit.
         min_pixels: smallest component that counts as an object.
         missed_below: the covered share under which an object counts as missed.
+        labelled: ``pred`` holds object labels, taken as given (the flags' cut pieces, as
+            :func:`label_scores` takes them).
 
     Returns:
         A count per fate, in :data:`OBJECT_FATES` order.
     """
-    p_sizes, t_sizes, pairs, inter, matches = _component_matches(pred, truth, valid, iou_threshold, min_pixels)
+    p_sizes, t_sizes, pairs, inter, matches = _component_matches(
+        pred, truth, valid, iou_threshold, min_pixels, labelled=labelled
+    )
     fates = dict.fromkeys(OBJECT_FATES, 0)
     fates["hit"] = len(matches)
     hit = {ti for _, ti, _ in matches}

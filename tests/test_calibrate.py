@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import EvaluateSettings, Settings, VectorizeSettings
 from pipeline.model.calibrate import calibrate_objects
-from pipeline.model.evaluate import Item, seeded_objects
+from pipeline.model.evaluate import Item, flag_object_scores, seeded_objects
 from pipeline.vectorize import clean_mask
 
 
@@ -63,6 +63,11 @@ def test_seeded_objects_are_cut_as_vectorize_cuts_them() -> None:
     cut = calibrate_objects(items, [p], 0.9, 0.5, settings, grid=(0.0,))
     kept = calibrate_objects(items, [p], 0.9, 0.5, settings, grid=(0.0,), vectorize=VectorizeSettings(split=False))
     assert cut["scores"]["x"]["new"]["tp"] == 2 and kept["scores"]["x"]["new"]["tp"] == 0
+    fates: dict[str, object] = {}
+    flag_object_scores(items, [p], 0.9, 0.5, (0.0, 0.85), settings, fates_out=fates)
+    assert fates == {"x": {"new": {"hit": 2, "merged": 0, "partly": 0, "missed": 0}}}  # at the last threshold
+    flag_object_scores(items, [p], 0.9, 0.5, (0.0, 0.9), settings, fates_out=fates)
+    assert fates["x"]["new"]["missed"] == 2  # the blob's mean (0.858) is below 0.9: both houses dropped
 
 
 def test_calibrate_objects_picks_the_threshold_that_drops_the_unsure_blobs() -> None:

@@ -142,6 +142,8 @@ def test_label_scores_keep_touching_objects_apart() -> None:
     assert (s.tp, s.fp, s.fn) == (2, 1, 0)  # each piece matches its house (IoU 36/42)
     blob = component_scores(labels > 0, truth)  # as one mask the pieces are one component
     assert (blob.tp, blob.fp, blob.fn) == (0, 2, 2)
+    assert object_fates(labels, truth, labelled=True) == {"hit": 2, "merged": 0, "partly": 0, "missed": 0}
+    assert object_fates(labels > 0, truth) == {"hit": 0, "merged": 2, "partly": 0, "missed": 0}
     assert (label_scores(labels, truth, min_pixels=2).fp, label_scores(labels, truth, valid=labels != 7).tp) == (0, 1)
 
 

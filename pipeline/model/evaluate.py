@@ -216,14 +216,21 @@ def fates_at(
     items: list[Item], probs: list[np.ndarray], threshold: float, settings: EvaluateSettings
 ) -> dict[str, dict[str, dict[str, int]]]:
     """Per data set and class, what became of the true objects at ``threshold`` (:func:`object_fates`)."""
+    return _pooled_fates(items, [p >= threshold for p in probs], settings, labelled=False)
+
+
+def _pooled_fates(
+    items: list[Item], preds: list[np.ndarray], settings: EvaluateSettings, *, labelled: bool
+) -> dict[str, dict[str, dict[str, int]]]:
     out: dict[str, dict[str, dict[str, int]]] = {}
-    for item, p in zip(items, probs, strict=True):
+    for item, pred in zip(items, preds, strict=True):
         got = object_fates(
-            p >= threshold,
+            pred,
             item.truth,
             item.valid,
             iou_threshold=settings.iou_threshold,
             min_pixels=settings.min_object_px,
+            labelled=labelled,
         )
         acc = out.setdefault(item.dataset, {}).setdefault(item.cls, dict.fromkeys(got, 0))
         for k, v in got.items():
@@ -295,11 +302,20 @@ def flag_object_scores(
     object_thresholds: tuple[float, ...],
     settings: EvaluateSettings,
     vectorize: VectorizeSettings | None = None,
+    *,
+    fates_out: dict[str, Any] | None = None,
 ) -> dict[float, dict[str, dict[str, Scores]]]:
-    """Object scores of flag-like objects (seeded, grown, cleaned, cut, kept by mean p) per threshold, set, class."""
+    """Object scores of flag-like objects (seeded, grown, cleaned, cut, kept by mean p) per threshold, set, class.
+
+    With ``fates_out`` (a dict), it also receives the true objects' fates (:func:`object_fates`) at the
+    last object threshold, per set and class.
+    """
     per_t: dict[float, dict[str, dict[str, list[Scores]]]] = {t: {} for t in object_thresholds}
+    kept_last: list[np.ndarray] = []
     for item, p in zip(items, probs, strict=True):
         objs = seeded_objects(p, seed, low, item.valid, vectorize)
+        if fates_out is not None:
+            kept_last.append(objs.kept(object_thresholds[-1]))
         for t in object_thresholds:
             s = label_scores(
                 objs.kept(t),
@@ -309,6 +325,8 @@ def flag_object_scores(
                 min_pixels=settings.min_object_px,
             )
             per_t[t].setdefault(item.dataset, {}).setdefault(item.cls, []).append(s)
+    if fates_out is not None:
+        fates_out.update(_pooled_fates(items, kept_last, settings, labelled=True))
     return {
         t: {ds: {cls: pool(v) for cls, v in sorted(classes.items())} for ds, classes in sorted(groups.items())}
         for t, groups in per_t.items()
@@ -353,7 +371,10 @@ def _network_entry(
     }
     if shipped and model.object_threshold is not None:
         ot = model.object_threshold
-        flags = flag_object_scores(items, probs, t, settings.vectorize.low, (0.0, ot), ev, settings.vectorize)
+        fates: dict[str, Any] = {}
+        flags = flag_object_scores(
+            items, probs, t, settings.vectorize.low, (0.0, ot), ev, settings.vectorize, fates_out=fates
+        )
         entry["objects"] = {
             "object_threshold": ot,
             "seed": t,
@@ -363,6 +384,7 @@ def _network_entry(
             "scores_without_object_threshold": {
                 ds: {c: s.as_dict() for c, s in cl.items()} for ds, cl in flags[0.0].items()
             },
+            "fates": fates,
         }
     return entry
 
