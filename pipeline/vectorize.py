@@ -220,6 +220,18 @@ def split_objects(
     return out, pieces
 
 
+def gate_means(means: np.ndarray, labels_max: int, pieces: dict[int, Piece]) -> np.ndarray:
+    """Per label of the cut labels (``labels_max`` the largest), the mean probability that keeps or drops it.
+
+    ``means`` holds the whole objects' means (index 0 the background); a piece takes its parent's, so
+    that it is kept or dropped with the object it was cut from.
+    """
+    out = np.concatenate([means, np.zeros(max(0, labels_max + 1 - len(means)))])
+    for lab, piece in pieces.items():
+        out[lab] = means[piece.parent]
+    return out
+
+
 def label_objects(mask: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Objects of a mask: 4-connected labels (as ``shapes(connectivity=4)`` traces them), sums and counts.
 
@@ -244,21 +256,22 @@ def _core_objects(
     A piece is kept or dropped (``min_p_mean``) with the whole object it was cut from, whose mean is
     exact here: only objects that the window and its halo show whole are cut.
     """
-    full, sums, counts = label_objects(mask, p)
-    full, pieces = split_objects(full, settings, origin=origin, open_edges=open_edges)
+    if not settings.split:
+        return ndimage.label(mask[rows, cols])[0], {}
+    whole = ndimage.label(mask)[0]
+    full, pieces = split_objects(whole, settings, origin=origin, open_edges=open_edges)
     cut = full[rows, cols]
     if not pieces:
         return ndimage.label(cut > 0)[0], {}
+    # the whole objects' means, over the window and its halo (exact: only objects seen whole are cut)
+    flat = whole.ravel()
+    means = np.bincount(flat, weights=p.ravel()) / np.maximum(np.bincount(flat), 1)
+    gates = gate_means(means, int(full.max()), pieces)
     # a piece cropped to the core may fall apart, and pieces touch: one label per 4-connected run of one piece
     parts = measure.label(cut, background=0, connectivity=1)
     piece_of = np.zeros(int(parts.max()) + 1, np.int64)
     piece_of[parts.ravel()] = cut.ravel()
-    named = {}
-    for i, v in enumerate(piece_of.tolist()):
-        if v in pieces:
-            whole = pieces[v].parent
-            named[i] = (pieces[v].marker, float(sums[whole] / max(counts[whole], 1)))
-    return parts, named
+    return parts, {i: (pieces[v].marker, float(gates[v])) for i, v in enumerate(piece_of.tolist()) if v in pieces}
 
 
 def _window_parts(ds: Any, core: Window, index: int, settings: VectorizeSettings) -> dict[str, list[_Part]]:

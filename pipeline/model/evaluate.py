@@ -276,7 +276,7 @@ def seeded_objects(
         The labelled objects with their mean probabilities.
     """
     from pipeline.config import VectorizeSettings
-    from pipeline.vectorize import clean_mask, label_objects, split_objects
+    from pipeline.vectorize import clean_mask, gate_means, label_objects, split_objects
 
     p = np.asarray(p, dtype=np.float32)
     if valid is not None:
@@ -285,13 +285,9 @@ def seeded_objects(
         update={"high": seed, "low": min(low, seed)}
     )
     labels, sums, counts = label_objects(clean_mask(p, settings), p)
-    means = sums / np.maximum(counts, 1)
-    labels, pieces = split_objects(labels, settings)
-    if pieces:  # a piece is kept or dropped with the whole object it was cut from, as vectorize does
-        means = np.concatenate([means, np.zeros(int(labels.max()) + 1 - len(means))])
-        for lab, piece in pieces.items():
-            means[lab] = means[piece.parent]
-    return Objects(labels, means)
+    cut, pieces = split_objects(labels, settings)
+    # a piece is kept or dropped with the whole object it was cut from, as vectorize does
+    return Objects(cut, gate_means(sums / np.maximum(counts, 1), int(cut.max()), pieces))
 
 
 def flag_object_scores(
@@ -314,17 +310,18 @@ def flag_object_scores(
     kept_last: list[np.ndarray] = []
     for item, p in zip(items, probs, strict=True):
         objs = seeded_objects(p, seed, low, item.valid, vectorize)
-        if fates_out is not None:
-            kept_last.append(objs.kept(object_thresholds[-1]))
         for t in object_thresholds:
+            kept = objs.kept(t)
             s = label_scores(
-                objs.kept(t),
+                kept,
                 item.truth,
                 item.valid,
                 iou_threshold=settings.iou_threshold,
                 min_pixels=settings.min_object_px,
             )
             per_t[t].setdefault(item.dataset, {}).setdefault(item.cls, []).append(s)
+        if fates_out is not None:
+            kept_last.append(kept)  # the last threshold's
     if fates_out is not None:
         fates_out.update(_pooled_fates(items, kept_last, settings, labelled=True))
     return {
